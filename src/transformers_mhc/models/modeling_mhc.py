@@ -1,0 +1,333 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch MHC model: a Llama decoder with (manifold-constrained) hyper-connections (arXiv 2512.24880)."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .configuration_mhc import MHCConfig
+from .hyper_connection import HyperConnection, StreamReadout, expand_streams
+from .mhc_ops import hc_pre_mix, hc_res_post_mix
+
+# ------------------------------------------------------------------------------------------------
+# Selective recomputation (mHC paper §5.6): inside a recomputation segment, everything a sub-layer
+# (attention / MLP) computes is saved as usual, while the n-stream hyper-connection arithmetic is
+# recomputed in backward from the segment's input streams.
+# ------------------------------------------------------------------------------------------------
+_SUBLAYER_DEPTH = 0
+
+
+@contextlib.contextmanager
+def _inside_sublayer():
+    global _SUBLAYER_DEPTH
+    _SUBLAYER_DEPTH += 1
+    try:
+        yield
+    finally:
+        _SUBLAYER_DEPTH -= 1
+
+
+def _keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if _SUBLAYER_DEPTH > 0 else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class MHCDecoderLayer(GradientCheckpointingLayer):
+    """A Llama decoder layer whose two residual connections are hyper-connections over `n` streams.
+
+    With `hyper_connection="none"` it is exactly `LlamaDecoderLayer` (one stream, `x + F(x)`).
+    """
+
+    def __init__(self, config: MHCConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.hyper_connection = config.hyper_connection
+
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.hyper_connection != "none":
+            # Attention and MLP are separate sub-layers, each with its own coefficients.
+            self.attn_hc = HyperConnection(config, sublayer_idx=2 * layer_idx)
+            self.mlp_hc = HyperConnection(config, sublayer_idx=2 * layer_idx + 1)
+
+    def forward(
+        self,
+        hidden_streams: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`hidden_streams`: `[batch, seq, num_streams, hidden]`; returns the streams after the layer."""
+        # Self Attention
+        if self.hyper_connection == "none":
+            attn_input = hidden_streams.squeeze(-2)
+        else:
+            h_pre, h_post, h_res = self.attn_hc(hidden_streams)
+            attn_input = hc_pre_mix(h_pre, hidden_streams)
+        with _inside_sublayer():
+            attn_output, _ = self.self_attn(
+                hidden_states=self.input_layernorm(attn_input),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        if self.hyper_connection == "none":
+            hidden_streams = hidden_streams + attn_output.unsqueeze(-2)
+        else:
+            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, attn_output)
+
+        # Fully Connected
+        if self.hyper_connection == "none":
+            mlp_input = hidden_streams.squeeze(-2)
+        else:
+            h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
+            mlp_input = hc_pre_mix(h_pre, hidden_streams)
+        with _inside_sublayer():
+            mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
+        if self.hyper_connection == "none":
+            hidden_streams = hidden_streams + mlp_output.unsqueeze(-2)
+        else:
+            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, mlp_output)
+        return hidden_streams
+
+
+class MHCPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the shared class attributes of the MHC models."""
+
+    config_class = MHCConfig
+    config: MHCConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MHCDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (HyperConnection, StreamReadout)):
+            module.reset_parameters()
+
+
+class MHCModel(MHCPreTrainedModel):
+    """The bare MHC decoder: embeddings copied into `num_streams` streams, `MHCDecoderLayer`s, a stream readout
+    and the final RMSNorm. Returns the normalised hidden states `[batch, seq, hidden]`.
+
+    `output_hidden_states=True` returns, per layer, the streams collapsed by the readout (`[batch, seq, hidden]`,
+    like any decoder), the embeddings first and the final normalised states last.
+    """
+
+    def __init__(self, config: MHCConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MHCDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+        self.stream_readout = StreamReadout(config)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = _position_ids(attention_mask, inputs_embeds.shape[1], past_seen_tokens, inputs_embeds.device)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        # Stream creation: the embedding is copied into every stream.
+        hidden_streams = expand_streams(inputs_embeds, self.config.num_streams)
+        all_hidden_states = (inputs_embeds,) if output_hidden_states else None
+
+        layer_kwargs = dict(
+            attention_mask=causal_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        layers = self.layers[: self.config.num_hidden_layers]
+        recompute = self.config.hc_recompute and self.training and torch.is_grad_enabled()
+        segment = self.config.recompute_interval if recompute else 1
+        for start in range(0, len(layers), segment):
+            segment_layers = layers[start : start + segment]
+            if recompute:
+                hidden_streams = checkpoint(
+                    _run_layers,
+                    segment_layers,
+                    hidden_streams,
+                    layer_kwargs,
+                    use_reentrant=False,
+                    context_fn=partial(create_selective_checkpoint_contexts, _keep_sublayer_activations),
+                )
+            else:
+                hidden_streams = _run_layers(segment_layers, hidden_streams, layer_kwargs)
+            if output_hidden_states:
+                # Only segment boundaries are visible from here; with recomputation off a segment is one layer.
+                all_hidden_states += (self.stream_readout(hidden_streams),)
+
+        # Stream collapse, then the final norm.
+        hidden_states = self.norm(self.stream_readout(hidden_streams))
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+def _run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    for decoder_layer in layers:
+        hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
+    return hidden_streams
+
+
+def _position_ids(
+    attention_mask: torch.Tensor | None, seq_len: int, past_seen_tokens: int, device: torch.device
+) -> torch.LongTensor:
+    """Positions that skip left padding, so a padded sample sees the same RoPE phases as when run alone."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return (torch.arange(seq_len, device=device) + past_seen_tokens).unsqueeze(0)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq_len:]
+
+
+class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
+    """The MHC decoder with a language-modelling head, loadable with `AutoModelForCausalLM`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers_mhc import MHCConfig, MHCForCausalLM
+
+    >>> model = MHCForCausalLM(MHCConfig(vocab_size=512, hidden_size=64, intermediate_size=172,
+    ...                                  num_hidden_layers=2, num_attention_heads=4))
+    >>> out = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]))
+    >>> out.logits.shape
+    torch.Size([1, 3, 512])
+    ```"""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MHCConfig):
+        super().__init__(config)
+        self.model = MHCModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            # `loss_function` honours `num_items_in_batch` from Trainer, so gradient accumulation is exact.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["MHCForCausalLM", "MHCModel", "MHCPreTrainedModel", "MHCDecoderLayer"]
