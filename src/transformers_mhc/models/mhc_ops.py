@@ -87,7 +87,8 @@ class SinkhornKnoppFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, num_iterations: int) -> torch.Tensor:
-        logits = logits.float()
+        # fp32 at least (float64 is kept, for gradcheck)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         ctx.save_for_backward(logits)
         ctx.num_iterations = num_iterations
         return _sinkhorn_log_iterates(logits, num_iterations, keep=False)[0].exp()
@@ -95,7 +96,7 @@ class SinkhornKnoppFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        return sinkhorn_knopp_backward(logits, grad_out.float(), ctx.num_iterations), None
+        return sinkhorn_knopp_backward(logits, grad_out.to(logits.dtype), ctx.num_iterations), None
 
 
 def sinkhorn_knopp(logits: torch.Tensor, num_iterations: int = 20) -> torch.Tensor:
