@@ -107,7 +107,9 @@ def test_mhc_coefficients_match_the_paper_formulas(n):
     x_norm = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     proj = x_norm @ phi.T
     torch.testing.assert_close(h_pre, torch.sigmoid(0.3 * proj[..., :n] + bias[:n]).float())
-    torch.testing.assert_close(h_post, 2 * torch.sigmoid(0.5 * proj[..., n : 2 * n] + bias[n : 2 * n]).float())
+    torch.testing.assert_close(
+        h_post, 2 * torch.sigmoid(0.5 * proj[..., n : 2 * n] + bias[n : 2 * n]).float()
+    )
     expected_res = (0.7 * proj[..., 2 * n :] + bias[2 * n :]).unflatten(-1, (n, n))
     torch.testing.assert_close(res_logits, expected_res.float())
 

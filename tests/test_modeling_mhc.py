@@ -49,7 +49,11 @@ def perturb_hc(model: MHCForCausalLM, scale: float = 0.5) -> MHCForCausalLM:
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("hyper_connection", "resnet", "`hyper_connection` must be one of ['mhc', 'hc', 'none'], got 'resnet'"),
+        (
+            "hyper_connection",
+            "resnet",
+            "`hyper_connection` must be one of ['mhc', 'hc', 'none'], got 'resnet'",
+        ),
         ("hc_readout", "max", "`hc_readout` must be one of ['mean', 'sum', 'learned']"),
         ("hc_convention", "v3", "`hc_convention` must be one of ['paper', 'deepseek_v4']"),
         ("num_streams", 0, "`num_streams` must be an integer >= 1, got 0"),
@@ -178,13 +182,20 @@ def test_signal_gain_is_one_for_plain_residual_and_grows_for_hc():
 # --------------------------------------------------------------------------------------------------
 def test_deepseek_v4_convention_matches_transformers():
     from transformers import DeepseekV4Config
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4HyperConnection,
+        DeepseekV4HyperHead,
+    )
 
     n, c = 4, 32
     reference = DeepseekV4HyperConnection(DeepseekV4Config(hidden_size=c, hc_mult=n, rms_norm_eps=1e-6))
     head = DeepseekV4HyperHead(DeepseekV4Config(hidden_size=c, hc_mult=n, rms_norm_eps=1e-6))
     config = MHCConfig(
-        **{**TINY, "hidden_size": c}, num_streams=n, hc_convention="deepseek_v4", hc_readout="learned", rms_norm_eps=1e-6
+        **{**TINY, "hidden_size": c},
+        num_streams=n,
+        hc_convention="deepseek_v4",
+        hc_readout="learned",
+        rms_norm_eps=1e-6,
     )
     ours = HyperConnection(config, sublayer_idx=0)
     from transformers_mhc.models.hyper_connection import StreamReadout
@@ -291,7 +302,9 @@ def _grads(model, ids) -> dict[str, torch.Tensor]:
 def test_selective_recomputation_gives_identical_gradients(interval):
     ids = torch.randint(0, TINY["vocab_size"], (2, 10))
     plain = perturb_hc(tiny_mhc(num_streams=4), 0.3).train()
-    recomputed = perturb_hc(tiny_mhc(num_streams=4, hc_recompute=True, hc_recompute_interval=interval), 0.3).train()
+    recomputed = perturb_hc(
+        tiny_mhc(num_streams=4, hc_recompute=True, hc_recompute_interval=interval), 0.3
+    ).train()
     expected, actual = _grads(plain, ids), _grads(recomputed, ids)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -332,7 +345,9 @@ def test_bf16_forward_backward_keeps_fp32_coefficients():
     model = tiny_mhc(num_streams=4).to(torch.bfloat16).train()
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     seen = []
-    hook = model.model.layers[0].attn_hc.register_forward_hook(lambda m, i, o: seen.append([t.dtype for t in o]))
+    hook = model.model.layers[0].attn_hc.register_forward_hook(
+        lambda m, i, o: seen.append([t.dtype for t in o])
+    )
     out = model(ids, labels=ids)
     hook.remove()
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)

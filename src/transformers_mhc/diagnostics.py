@@ -13,7 +13,9 @@ from .models.hyper_connection import HyperConnection
 
 
 @torch.no_grad()
-def signal_gain(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+def signal_gain(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict:
     """The mHC paper's "Amax gain magnitude" of the residual mixing, for any model with hyper-connections.
 
     Runs one forward pass, collects every sub-layer's `h_res` (in order of depth) and forms the composite

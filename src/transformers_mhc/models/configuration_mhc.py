@@ -53,7 +53,9 @@ def validate_hyper_connection_fields(config) -> None:
     if config.hc_convention == "deepseek_v4" and not config.hc_dynamic:
         raise ValueError("`hc_convention='deepseek_v4'` is always dynamic: set `hc_dynamic=True`.")
     if not isinstance(config.sinkhorn_iterations, int) or config.sinkhorn_iterations < 1:
-        raise ValueError(f"`sinkhorn_iterations` must be an integer >= 1, got {config.sinkhorn_iterations!r}.")
+        raise ValueError(
+            f"`sinkhorn_iterations` must be an integer >= 1, got {config.sinkhorn_iterations!r}."
+        )
     for field in ("hc_gate_init", "hc_res_logit_gap", "hc_symmetry_breaking", "hc_eps"):
         value = getattr(config, field)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -65,7 +67,9 @@ def validate_hyper_connection_fields(config) -> None:
         )
     interval = config.hc_recompute_interval
     if interval is not None and (not isinstance(interval, int) or interval < 1):
-        raise ValueError(f"`hc_recompute_interval` must be None (automatic) or an integer >= 1, got {interval!r}.")
+        raise ValueError(
+            f"`hc_recompute_interval` must be None (automatic) or an integer >= 1, got {interval!r}."
+        )
 
 
 class MHCConfig(LlamaConfig):

@@ -97,7 +97,11 @@ class HyperConnection(nn.Module):
         """
         config, n = self.config, self.num_streams
         spread = torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1)
-        post = 2 * torch.sigmoid(torch.tensor(float(config.hc_post_bias_init))) * (1 + config.hc_symmetry_breaking * spread)
+        post = (
+            2
+            * torch.sigmoid(torch.tensor(float(config.hc_post_bias_init)))
+            * (1 + config.hc_symmetry_breaking * spread)
+        )
         eye = torch.eye(n)
         if self.mode == "mhc":
             pre_logit = config.hc_pre_bias_init if config.hc_pre_bias_init is not None else _logit(1.0 / n)
@@ -191,7 +195,9 @@ class StreamReadout(nn.Module):
         if self.readout == "sum":
             return streams.sum(dim=-2)
         flat = _rms_normalize(streams.flatten(-2).float(), self.norm_eps)
-        weights = torch.sigmoid(F.linear(flat, self.phi.float()) * self.alpha.float() + self.static_bias.float())
+        weights = torch.sigmoid(
+            F.linear(flat, self.phi.float()) * self.alpha.float() + self.static_bias.float()
+        )
         return ((weights + self.eps).unsqueeze(-1) * streams).sum(dim=-2).to(streams.dtype)
 
 

@@ -66,7 +66,9 @@ def _sinkhorn_log_iterates(logits: torch.Tensor, num_iterations: int, keep: bool
     return iterates if keep else [z]
 
 
-def sinkhorn_knopp_backward(logits: torch.Tensor, grad_out: torch.Tensor, num_iterations: int) -> torch.Tensor:
+def sinkhorn_knopp_backward(
+    logits: torch.Tensor, grad_out: torch.Tensor, num_iterations: int
+) -> torch.Tensor:
     """Exact gradient of `sinkhorn_knopp` w.r.t. its (fp32) logits, recomputing the iterations.
 
     For a normalisation `y = x - logsumexp_d(x)`, `dL/dx = g - exp(y) · Σ_d g`; the iterates are
@@ -182,7 +184,9 @@ def hc_pre_mix(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(h_pre.float().unsqueeze(-2), x.float()).squeeze(-2).to(x.dtype)
 
 
-def hc_res_post_mix(h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def hc_res_post_mix(
+    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor
+) -> torch.Tensor:
     """`h_res · x + h_postᵀ · f`: the streams after a sub-layer, in one pass.
 
     Args:

@@ -26,7 +26,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 
 from .configuration_mhc import MHCConfig
 from .hyper_connection import HyperConnection, StreamReadout, expand_streams
@@ -156,7 +161,9 @@ class MHCModel(MHCPreTrainedModel):
         self.vocab_size = config.vocab_size
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([MHCDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [MHCDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
         self.stream_readout = StreamReadout(config)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
@@ -192,7 +199,9 @@ class MHCModel(MHCPreTrainedModel):
 
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = _position_ids(attention_mask, inputs_embeds.shape[1], past_seen_tokens, inputs_embeds.device)
+            position_ids = _position_ids(
+                attention_mask, inputs_embeds.shape[1], past_seen_tokens, inputs_embeds.device
+            )
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -320,7 +329,9 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # `loss_function` honours `num_items_in_batch` from Trainer, so gradient accumulation is exact.
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
 
         return CausalLMOutputWithPast(
             loss=loss,
