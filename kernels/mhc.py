@@ -1,0 +1,49 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Triton kernels of Manifold-Constrained Hyper-Connections (mHC paper §5), each with an autograd Function.
+
+`transformers_mhc.models.mhc_ops` holds the pure-PyTorch references with the same signatures and dispatches to
+these on CUDA tensors:
+
+- `sinkhorn_knopp_triton(logits, num_iterations)`: log-space Sinkhorn-Knopp, exact recomputing backward
+  (`mhc_sinkhorn.py`)
+- `mhc_coefficients_triton(x, phi, alpha, static_bias, eps)`: fused projection + sum of squares + gates +
+  sigmoids (`mhc_coefficients.py`)
+- `hc_pre_mix_triton(h_pre, x)`: `Σ_j h_pre_j x_j` (`mhc_mix.py`)
+- `hc_res_post_mix_triton(h_res, x, h_post, f)`: `h_res · x + h_postᵀ · f` in one pass (`mhc_mix.py`)
+
+Without a GPU they run on CPU tensors only under `TRITON_INTERPRET=1` (set before this module is imported).
+"""
+
+from __future__ import annotations
+
+from .mhc_coefficients import MHCCoefficientsTritonFunction, mhc_coefficients_triton
+from .mhc_mix import (
+    HCPreMixTritonFunction,
+    HCResPostMixTritonFunction,
+    hc_pre_mix_triton,
+    hc_res_post_mix_triton,
+)
+from .mhc_sinkhorn import SinkhornKnoppTritonFunction, sinkhorn_knopp_triton
+
+__all__ = [
+    "HCPreMixTritonFunction",
+    "HCResPostMixTritonFunction",
+    "MHCCoefficientsTritonFunction",
+    "SinkhornKnoppTritonFunction",
+    "hc_pre_mix_triton",
+    "hc_res_post_mix_triton",
+    "mhc_coefficients_triton",
+    "sinkhorn_knopp_triton",
+]

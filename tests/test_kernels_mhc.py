@@ -1,0 +1,425 @@
+"""The mHC Triton kernels against their pure-PyTorch references (forward and gradients).
+
+Without a GPU the kernels run on CPU tensors under `TRITON_INTERPRET=1` (set in `conftest.py`), while the
+references in `mhc_ops` take their torch path on CPU tensors, so every comparison here is kernel vs torch.
+The interpreter is slow: shapes are small, and the wider sweep is marked `slow`.
+
+Note on bf16: the Triton 3.9 interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so bf16
+outputs may differ from torch by one bf16 ulp; their tolerance allows that.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from transformers_mhc.kernels import mhc_sinkhorn as sinkhorn_module  # noqa: E402
+from transformers_mhc.kernels.mhc import (  # noqa: E402
+    hc_pre_mix_triton,
+    hc_res_post_mix_triton,
+    mhc_coefficients_triton,
+    sinkhorn_knopp_triton,
+)
+from transformers_mhc.models.mhc_ops import (  # noqa: E402
+    hc_pre_mix,
+    hc_res_post_mix,
+    mhc_coefficients,
+    sinkhorn_knopp,
+)
+
+pytestmark = pytest.mark.triton
+
+STREAMS = [1, 2, 4, 6]  # 6 is not a power of two: exercises the padded, masked tiles
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    # fp32: the kernels do the same fp32 math in another order. bf16: one ulp (2^-8 relative) plus headroom.
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _compare(kernel, reference, inputs: list[torch.Tensor], grad_dtype: torch.dtype, **kwargs) -> None:
+    """Forward outputs and `autograd.grad` w.r.t. every input of `kernel` and `reference` must agree."""
+    out_k = kernel(*inputs, **kwargs)
+    out_r = reference(*inputs, **kwargs)
+    out_k = out_k if isinstance(out_k, tuple) else (out_k,)
+    out_r = out_r if isinstance(out_r, tuple) else (out_r,)
+    assert len(out_k) == len(out_r)
+    for a, b in zip(out_k, out_r):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **_tol(b.dtype))
+    cotangents = [torch.randn_like(o) for o in out_r]
+    grads_k = torch.autograd.grad(out_k, inputs, cotangents)
+    grads_r = torch.autograd.grad(out_r, inputs, cotangents)
+    for x, a, b in zip(inputs, grads_k, grads_r):
+        assert a.shape == x.shape and a.dtype == b.dtype == x.dtype
+        torch.testing.assert_close(a, b, **_tol(grad_dtype if x.dtype == grad_dtype else torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_matches_reference(n, dtype):
+    # fp32 on batch dims [2, 5], with the default 20 iterations where the matrices are non-trivial; bf16 on 7
+    # matrices with fewer iterations (the dtype only changes the input cast; the interpreter is slow).
+    if dtype == torch.float32:
+        shape, iterations = (2, 5), (20 if n >= 4 else 10)
+    else:
+        shape, iterations = (7,), 6
+    logits = _leaf((2 * torch.randn(*shape, n, n)).to(dtype))
+    _compare(sinkhorn_knopp_triton, sinkhorn_knopp, [logits], dtype, num_iterations=iterations)
+    out = sinkhorn_knopp_triton(logits, iterations)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.sum(-1), torch.ones(shape + (n,)), rtol=0, atol=1e-6)
+
+
+def test_sinkhorn_many_programs_and_non_contiguous():
+    # 40 matrices of 6x6 need three programs (16 padded 8x8 tiles each); a transposed view as input.
+    base = _leaf(torch.randn(40, 6, 6))
+    logits = base.transpose(-1, -2)
+    assert not logits.is_contiguous()
+    out_k, out_r = sinkhorn_knopp_triton(logits, 3), sinkhorn_knopp(logits, 3)
+    torch.testing.assert_close(out_k, out_r, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out_r)
+    (grad_k,) = torch.autograd.grad(out_k, base, g)
+    (grad_r,) = torch.autograd.grad(out_r, base, g)
+    torch.testing.assert_close(grad_k, grad_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("n", "dtype"),
+    [(4, torch.float32), (6, torch.float32), (6, torch.bfloat16)],
+    ids=["4-fp32", "6-fp32", "6-bf16"],
+)
+def test_sinkhorn_extreme_logits_stay_finite(n, dtype):
+    signs = torch.randint(0, 2, (3, n, n)).float() * 2 - 1
+    logits = _leaf((signs * 1e4 + torch.randn(3, n, n)).to(dtype))
+    out = sinkhorn_knopp_triton(logits, 20)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(3, n), rtol=0, atol=1e-6)  # exact row sums
+    ref = sinkhorn_knopp(logits, 20)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, logits, g)
+    (grad_ref,) = torch.autograd.grad(ref, logits, g)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, grad_ref, **_tol(dtype))
+
+
+def test_sinkhorn_backward_saves_only_the_logits():
+    """Saved memory must not grow with the iteration count: the backward recomputes the iterates."""
+    saved_bytes = {}
+    for iterations in (1, 5, 20):
+        logits = _leaf(torch.randn(2, 3, 4, 4))
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = sinkhorn_knopp_triton(logits, iterations)
+        saved_bytes[iterations] = sum(sizes)
+        assert out.grad_fn is not None and len(out.grad_fn.saved_tensors) == 1
+    assert saved_bytes[1] == saved_bytes[5] == saved_bytes[20] == 2 * 3 * 4 * 4 * 4, saved_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Coefficients
+# --------------------------------------------------------------------------------------------------
+def _coefficient_inputs(n: int, C: int, tokens: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    width = n * n + 2 * n
+    x = _leaf(torch.randn(*tokens, n * C).to(dtype))
+    phi = _leaf(torch.randn(width, n * C) / (n * C) ** 0.5)
+    alpha = _leaf(torch.tensor([0.7, 1.3, 2.1]))  # far from 0 so every gate matters in the gradients
+    bias = _leaf(torch.randn(width))
+    return [x, phi, alpha, bias]
+
+
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coefficients_match_reference(n, dtype):
+    tokens = (7,) if dtype == torch.float32 else (2, 5)
+    inputs = _coefficient_inputs(n, 33, tokens, dtype)
+    _compare(mhc_coefficients_triton, mhc_coefficients, inputs, dtype, eps=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [(1,), (40,)])
+def test_coefficients_edge_token_counts_non_contiguous(tokens):
+    # One token (decode) and 40 tokens (3 token blocks of 16: partial bias/gate sums, looped dphi); x is a
+    # strided view.
+    x, phi, alpha, bias = _coefficient_inputs(4, 17, tokens, torch.float32)
+    wide = _leaf(torch.randn(*tokens, 2 * x.shape[-1]))
+    x = wide[..., ::2]
+    assert not x.is_contiguous()
+    out_k = mhc_coefficients_triton(x, phi, alpha, bias, 1e-6)
+    out_r = mhc_coefficients(x, phi, alpha, bias, 1e-6)
+    cot = [torch.randn_like(o) for o in out_r]
+    grads_k = torch.autograd.grad(out_k, [wide, phi, alpha, bias], cot)
+    grads_r = torch.autograd.grad(out_r, [wide, phi, alpha, bias], cot)
+    for a, b in zip(out_k + grads_k, out_r + grads_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_coefficients_frozen_phi():
+    # phi without grad (frozen projection): its reduction kernel is skipped, the other gradients still match.
+    x, phi, alpha, bias = _coefficient_inputs(2, 8, (5,), torch.float32)
+    phi = phi.detach()
+    out_k = mhc_coefficients_triton(x, phi, alpha, bias, 1e-6)
+    out_r = mhc_coefficients(x, phi, alpha, bias, 1e-6)
+    cot = [torch.randn_like(o) for o in out_r]
+    for a, b in zip(
+        torch.autograd.grad(out_k, [x, alpha, bias], cot), torch.autograd.grad(out_r, [x, alpha, bias], cot)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_coefficients_reject_bad_shapes():
+    x, phi, alpha, bias = _coefficient_inputs(2, 8, (3,), torch.float32)
+    with pytest.raises(ValueError, match="n\\*n \\+ 2n"):
+        mhc_coefficients_triton(x[:, :15], phi[:7, :15], alpha, bias[:7], 1e-6)
+    with pytest.raises(ValueError, match="disagree"):
+        mhc_coefficients_triton(x[:, :15], phi, alpha, bias, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stream mixing
+# --------------------------------------------------------------------------------------------------
+def _streams(
+    tokens: tuple[int, ...], n: int, C: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf `[..., C, n]` and its non-contiguous `[..., n, C]` transpose."""
+    leaf = _leaf(torch.randn(*tokens, C, n).to(dtype))
+    return leaf, leaf.transpose(-1, -2)
+
+
+# Coefficients per token ([2, 5] tokens), or static ones shared by all tokens ([1, 1, ...], over [1, 7] tokens).
+LAYOUTS = [((2, 5), (2, 5)), ((1, 7), (1, 1))]
+
+
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["per_token", "static"])
+def test_pre_mix_matches_reference(n, dtype, layout):
+    tokens, coeff = layout
+    leaf, x = _streams(tokens, n, 33, dtype)
+    h_pre = _leaf(torch.rand(*coeff, n))
+    out = hc_pre_mix_triton(h_pre, x)
+    assert out.shape == tokens + (33,) and out.dtype == dtype
+    _compare(hc_pre_mix_triton, hc_pre_mix, [h_pre, x], dtype)
+    # The gradient reaches the original (transposed) leaf too.
+    g = torch.randn(*tokens, 33).to(dtype)
+    (gk,) = torch.autograd.grad(hc_pre_mix_triton(h_pre, x), leaf, g)
+    (gr,) = torch.autograd.grad(hc_pre_mix(h_pre, x), leaf, g)
+    torch.testing.assert_close(gk, gr, **_tol(dtype))
+
+
+@pytest.mark.parametrize("n", STREAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["per_token", "static"])
+def test_res_post_mix_matches_reference(n, dtype, layout):
+    tokens, coeff = layout
+    _, x = _streams(tokens, n, 33, dtype)
+    h_res = _leaf(torch.rand(*coeff, n, n))
+    h_post = _leaf(2 * torch.rand(*coeff, n))
+    f = _leaf(torch.randn(*tokens, 33).to(dtype))
+    out = hc_res_post_mix_triton(h_res, x, h_post, f)
+    assert out.shape == x.shape and out.dtype == dtype
+    _compare(hc_res_post_mix_triton, hc_res_post_mix, [h_res, x, h_post, f], dtype)
+
+
+def test_mix_kernels_several_channel_blocks():
+    # C = 257 spans three 128-wide channel blocks: the per-block partial sums of the coefficient gradients
+    # must add up; one token exercises the decode shape.
+    for tokens in [(3,), (1,)]:
+        x = _leaf(torch.randn(*tokens, 6, 257))
+        f = _leaf(torch.randn(*tokens, 257))
+        h_pre, h_post, h_res = (
+            _leaf(torch.rand(*tokens, 6)),
+            _leaf(torch.rand(*tokens, 6)),
+            _leaf(torch.rand(*tokens, 6, 6)),
+        )
+        _compare(hc_pre_mix_triton, hc_pre_mix, [h_pre, x], torch.float32)
+        _compare(hc_res_post_mix_triton, hc_res_post_mix, [h_res, x, h_post, f], torch.float32)
+
+
+def test_mix_kernels_reject_bad_shapes():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="disagree"):
+        hc_pre_mix_triton(torch.rand(2, 3), x)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        hc_res_post_mix_triton(torch.rand(2, 4, 3), x, torch.rand(2, 4), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        hc_res_post_mix_triton(torch.rand(2, 4, 4), x, torch.rand(2, 4), torch.randn(2, 7))
+
+
+def test_all_kernels_accept_zero_tokens():
+    # An empty batch launches nothing and gives empty outputs and zero parameter gradients.
+    n, C = 4, 8
+    logits = _leaf(torch.randn(0, n, n))
+    _compare(sinkhorn_knopp_triton, sinkhorn_knopp, [logits], torch.float32, num_iterations=5)
+    _compare(
+        mhc_coefficients_triton,
+        mhc_coefficients,
+        _coefficient_inputs(n, C, (0,), torch.float32),
+        torch.float32,
+        eps=1e-6,
+    )
+    x, f = _leaf(torch.randn(0, n, C)), _leaf(torch.randn(0, C))
+    h_pre, h_post, h_res = _leaf(torch.rand(0, n)), _leaf(torch.rand(0, n)), _leaf(torch.rand(0, n, n))
+    _compare(hc_pre_mix_triton, hc_pre_mix, [h_pre, x], torch.float32)
+    _compare(hc_res_post_mix_triton, hc_res_post_mix, [h_res, x, h_post, f], torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# One hyper-connected sub-layer, all four kernels chained
+# --------------------------------------------------------------------------------------------------
+def _sublayer(coefficients, sinkhorn, pre_mix, res_post_mix, streams, phi, alpha, bias, weight):
+    """streams -> coefficients -> h_res -> sub-layer input -> (a tanh 'sub-layer') -> new streams."""
+    n, C = streams.shape[-2:]
+    h_pre, h_post, res_logits = coefficients(streams.flatten(-2), phi, alpha, bias, 1e-6)
+    h_res = sinkhorn(res_logits, 20)
+    f = torch.tanh(pre_mix(h_pre, streams) @ weight)
+    return res_post_mix(h_res, streams, h_post, f)
+
+
+def test_chained_sublayer_matches_torch_path():
+    n, C = 6, 9
+    streams = _leaf(torch.randn(1, 2, n, C))  # batch 1, two tokens
+    phi, alpha, bias = _coefficient_inputs(n, C, (1,), torch.float32)[1:]
+    weight = _leaf(torch.randn(C, C) / C**0.5)
+    params = [streams, phi, alpha, bias, weight]
+    triton_fns = (mhc_coefficients_triton, sinkhorn_knopp_triton, hc_pre_mix_triton, hc_res_post_mix_triton)
+    torch_fns = (mhc_coefficients, sinkhorn_knopp, hc_pre_mix, hc_res_post_mix)
+    out_k = _sublayer(*triton_fns, *params)
+    out_r = _sublayer(*torch_fns, *params)
+    torch.testing.assert_close(out_k, out_r, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out_r)
+    for a, b in zip(torch.autograd.grad(out_k, params, g), torch.autograd.grad(out_r, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation for a real GPU
+# --------------------------------------------------------------------------------------------------
+# The interpreter runs kernel bodies as Python and misses what only the compiler checks (a name bound in both
+# branches of an `if` with different shapes, tl.dot shape rules, ...). Triton compiles for a CUDA target
+# without a GPU, so every kernel is compiled here for sm_90, in a subprocess without TRITON_INTERPRET.
+_COMPILE_SCRIPT = """
+import importlib
+import sys
+import types
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# The kernel files import only torch, triton and each other: load them as a bare package, skipping
+# `transformers_mhc`'s heavy imports (transformers, ...).
+package = types.ModuleType("_mhc_kernels")
+package.__path__ = [sys.argv[1]]
+sys.modules["_mhc_kernels"] = package
+
+
+def load(name):
+    return importlib.import_module("_mhc_kernels." + name)
+
+
+co, mx, sk = load("mhc_coefficients"), load("mhc_mix"), load("mhc_sinkhorn")
+x_ty = sys.argv[2]
+for n in map(int, sys.argv[3:]):
+    np2 = triton.next_power_of_2(n)
+    width = n * n + 2 * n
+    mp = max(16, triton.next_power_of_2(width))
+    _, block_b, _ = sk._launch_config(10**6, n)
+    bt1, bc1 = mx._blocks(10**6, 4096, 1)
+    btn, bcn = mx._blocks(10**6, 4096, np2)
+    # x-like pointers (streams, sub-layer output and their gradients) take the model dtype; the rest is fp32.
+    x_like = {"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"}
+    kernels = [
+        (sk._sinkhorn_fwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), set()),
+        (sk._sinkhorn_bwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), set()),
+        (co._coefficients_fwd_kernel, dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {"x_ptr"}),
+        (co._coefficients_bwd_x_kernel, dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)),
+         {"x_ptr", "grad_x_ptr"}),
+        (co._coefficients_bwd_phi_kernel, dict(M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {"x_ptr"}),
+        (mx._pre_mix_fwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), x_like),
+        (mx._pre_mix_bwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), x_like),
+        (mx._res_post_mix_fwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), x_like),
+        (mx._res_post_mix_bwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), x_like),
+    ]
+    for fn, constexprs, typed in kernels:
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + (x_ty if name in typed else "fp32")
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        print("compiled", fn.__name__, n, x_ty)
+"""
+
+
+def _compile_for_gpu(x_dtype: str, streams: list[int]) -> None:
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this Triton build has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernel_dir = os.path.dirname(sinkhorn_module.__file__)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, kernel_dir, x_dtype, *map(str, streams)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 9 * len(streams), proc.stdout
+
+
+def test_kernels_compile_for_gpu():
+    _compile_for_gpu("bf16", [6])
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu_all_stream_counts():
+    _compile_for_gpu("fp32", [1, 2, 4, 8, 16])
+
+
+# --------------------------------------------------------------------------------------------------
+# Wider sweep (minutes under the interpreter)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sweep_all_kernels(n, dtype):
+    for iterations in (0, 1, 20):
+        logits = _leaf((3 * torch.randn(2, 3, n, n)).to(dtype))
+        _compare(sinkhorn_knopp_triton, sinkhorn_knopp, [logits], dtype, num_iterations=iterations)
+    for tokens, C in [((1,), 1), ((3, 11), 65), ((37,), 130)]:
+        _compare(
+            mhc_coefficients_triton,
+            mhc_coefficients,
+            _coefficient_inputs(n, C, tokens, dtype),
+            dtype,
+            eps=1e-5,
+        )
+        _, x = _streams(tokens, n, C, dtype)
+        h = [_leaf(torch.rand(*tokens, n)), _leaf(torch.rand(*tokens, n, n)), _leaf(torch.rand(*tokens, n))]
+        f = _leaf(torch.randn(*tokens, C).to(dtype))
+        _compare(hc_pre_mix_triton, hc_pre_mix, [h[0], x], dtype)
+        _compare(hc_res_post_mix_triton, hc_res_post_mix, [h[1], x, h[2], f], dtype)
