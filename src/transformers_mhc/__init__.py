@@ -7,8 +7,14 @@ Importing the package registers its configurations and models with `AutoConfig`,
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .diagnostics import signal_gain
+from .diagnostics import decay_statistics, signal_gain
+from .models.configuration_decay_linear_attn import DecayLinearAttnConfig
 from .models.configuration_mhc import MHCConfig
+from .models.modeling_decay_linear_attn import (
+    DecayLinearAttnForCausalLM,
+    DecayLinearAttnModel,
+    DecayLinearAttnPreTrainedModel,
+)
 from .models.modeling_mhc import MHCForCausalLM, MHCModel, MHCPreTrainedModel
 
 __version__ = "0.1.0.dev0"
@@ -21,7 +27,20 @@ MHCConfig.register_for_auto_class()
 MHCModel.register_for_auto_class("AutoModel")
 MHCForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# --- Decay linear attention ------------------------------------------------------------------------
+AutoConfig.register("decay_linear_attn", DecayLinearAttnConfig, exist_ok=True)
+AutoModel.register(DecayLinearAttnConfig, DecayLinearAttnModel, exist_ok=True)
+AutoModelForCausalLM.register(DecayLinearAttnConfig, DecayLinearAttnForCausalLM, exist_ok=True)
+DecayLinearAttnConfig.register_for_auto_class()
+DecayLinearAttnModel.register_for_auto_class("AutoModel")
+DecayLinearAttnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 __all__ = [
+    "DecayLinearAttnConfig",
+    "DecayLinearAttnForCausalLM",
+    "DecayLinearAttnModel",
+    "DecayLinearAttnPreTrainedModel",
+    "decay_statistics",
     "MHCConfig",
     "MHCForCausalLM",
     "MHCModel",

@@ -14,8 +14,10 @@ import sys
 # module path -> imported lazily so that `transformers-mhc --help` stays fast.
 _SUBCOMMAND_MODULES: list[str] = [
     "transformers_mhc.quickstart",
+    "transformers_mhc.conversion.cli",
     "transformers_mhc.evaluation.suite",
     "transformers_mhc.evaluation.synthetic",
+    "transformers_mhc.hub",
 ]
 
 

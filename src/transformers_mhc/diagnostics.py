@@ -58,3 +58,62 @@ def signal_gain(
         "backward": max((p["backward"] for p in per_layer), default=1.0),
         "per_layer": per_layer,
     }
+
+
+def _quantile(sorted_values: torch.Tensor, q: float) -> float:
+    """Linear-interpolated quantile of a sorted 1-D tensor (no size limit, unlike `torch.quantile`)."""
+    position = q * (sorted_values.numel() - 1)
+    low = int(position)
+    high = min(low + 1, sorted_values.numel() - 1)
+    return float(sorted_values[low] + (position - low) * (sorted_values[high] - sorted_values[low]))
+
+
+@torch.no_grad()
+def decay_statistics(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict:
+    """Distribution of the decay λ of every linear-attention layer, for any `DecayLinearAttn*` checkpoint.
+
+    Runs one forward pass with forward hooks on the decay modules (`DecayLinearAttnDecay`, matched by class name so
+    checkpoints loaded with `trust_remote_code` work too) and collects `λ = exp(log λ)` over every unpadded token,
+    head and (for vector decay) key channel. The decay paper finds that the median λ should sit around 0.8.
+
+    Returns:
+        `{"per_layer": {layer_idx: stats}, "overall": stats}` where `stats` is
+        `{"median", "q1", "q3", "mean", "min", "max"}` (q1 / q3: the 25% / 75% quantiles) as floats.
+    """
+    decay_modules = [m for m in model.modules() if type(m).__name__ == "DecayLinearAttnDecay"]
+    if not decay_modules:
+        raise ValueError(
+            f"{type(model).__name__} has no `DecayLinearAttnDecay` module: not a decay linear-attention model."
+        )
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(module, _inputs, outputs):
+        log_decay = outputs[0].float()  # [B, T, heads] or [B, T, heads * head_dim]
+        if attention_mask is not None:
+            keep = attention_mask.to(log_decay.device).bool()[:, -log_decay.shape[1] :]
+            log_decay = log_decay[keep]
+        captured[module.layer_idx] = log_decay.reshape(-1).exp().cpu()
+
+    hooks = [m.register_forward_hook(hook) for m in decay_modules]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+    def stats(values: torch.Tensor) -> dict:
+        values = values.double().sort().values
+        return {
+            "median": _quantile(values, 0.5),
+            "q1": _quantile(values, 0.25),
+            "q3": _quantile(values, 0.75),
+            "mean": float(values.mean()),
+            "min": float(values[0]),
+            "max": float(values[-1]),
+        }
+
+    per_layer = {layer_idx: stats(captured[layer_idx]) for layer_idx in sorted(captured)}
+    overall = stats(torch.cat([captured[i] for i in sorted(captured)]))
+    return {"per_layer": per_layer, "overall": overall}

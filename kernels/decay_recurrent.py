@@ -1,0 +1,157 @@
+"""Fused recurrent Triton kernel for linear attention with decay: the decoding path.
+
+One program owns a ``[Dk, BV]`` tile of one head's state in fp32 registers and walks the tokens in
+order, so a decode step (``T = 1``) reads the state once, updates it and writes it once::
+
+    S_t = diag(exp(a_t)) S_{t-1} + k_t v_t^T            o_t = scale * q_t^T S_t
+
+Its gradient is that of the same recurrence, computed by the chunked backward kernels. The PyTorch
+reference this kernel must match is ``recurrent_decay_linear_attn`` in
+``transformers_mhc.models.decay_ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decay_chunk import MAX_BLOCK_V, check_decay_inputs, chunk_decay_bwd
+
+
+@triton.jit
+def _fused_recurrent_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    scale,
+    T,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    GK: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GBK: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    bh = i_bh.to(tl.int64)
+    q_ptr += bh * T * K
+    k_ptr += bh * T * K
+    v_ptr += bh * T * V
+    o_ptr += bh * T * V
+    a_ptr += bh * T * GK
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    gc = tl.arange(0, GBK)
+    mk = ck < K
+    mv = cv < V
+    s_offs = bh * K * V + ck[:, None] * V + cv[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+    if HAS_H0:
+        b_h = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    for t in range(T):
+        b_q = tl.load(q_ptr + t * K + ck, mask=mk, other=0.0).to(tl.float32)
+        b_k = tl.load(k_ptr + t * K + ck, mask=mk, other=0.0).to(tl.float32)
+        b_v = tl.load(v_ptr + t * V + cv, mask=mv, other=0.0).to(tl.float32)
+        # GBK = 1 for a scalar decay: its [1] tile broadcasts over the key channels.
+        b_a = tl.load(a_ptr + t * GK + gc, mask=gc < GK, other=0.0).to(tl.float32)
+        # exp(min(a, 0)) <= 1: the state can only shrink before the new key-value product is added.
+        b_h = b_h * tl.exp(tl.minimum(b_a, 0.0))[:, None] + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
+        tl.store(o_ptr + t * V + cv, b_o.to(o_ptr.dtype.element_ty), mask=mv)
+    if STORE_HT:
+        tl.store(ht_ptr + s_offs, b_h, mask=s_mask)
+
+
+def fused_recurrent_decay_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward pass on contiguous inputs: ``(o, final_state or None)``."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    vector = log_decay.dim() == 4
+    BK = triton.next_power_of_2(K)
+    BV = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    o = torch.empty_like(v, dtype=q.dtype)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    _fused_recurrent_fwd_kernel[(triton.cdiv(V, BV), B * H)](
+        q,
+        k,
+        v,
+        log_decay,
+        initial_state if initial_state is not None else o,
+        o,
+        ht if ht is not None else o,
+        scale,
+        T,
+        K=K,
+        V=V,
+        GK=K if vector else 1,
+        BK=BK,
+        BV=BV,
+        GBK=BK if vector else 1,
+        HAS_H0=initial_state is not None,
+        STORE_HT=ht is not None,
+    )
+    return o, ht
+
+
+class FusedRecurrentDecayFunction(torch.autograd.Function):
+    """Recurrent Triton forward; backward through the chunked Triton kernels (same function, exact)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state):
+        q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
+        if initial_state is not None:
+            initial_state = initial_state.contiguous()
+        o, ht = fused_recurrent_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, log_decay, initial_state = ctx.saved_tensors
+        do = do.to(q.dtype).contiguous()
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
+            q, k, v, log_decay, ctx.scale, initial_state, do, dht, chunk_size=64
+        )
+        return dq, dk, dv, dlog_decay, None, dh0, None
+
+
+def fused_recurrent_decay_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token linear attention with decay in one Triton kernel (decoding; any ``T``).
+
+    Same arguments, shapes and results as ``chunk_decay_linear_attn_triton`` (without ``chunk_size``):
+    ``q, k`` ``[B, H, T, Dk]``, ``v`` ``[B, H, T, Dv]``, ``log_decay`` ``[B, H, T]`` or ``[B, H, T, Dk]``
+    (finite, ``<= 0``), optional ``initial_state`` ``[B, H, Dk, Dv]``. Returns ``(o, final_state)``
+    with ``o`` in ``q.dtype`` and ``final_state`` fp32 (``None`` unless ``output_final_state``).
+    Differentiable: the backward runs the chunked Triton backward kernels.
+    """
+    check_decay_inputs(q, k, v, log_decay, initial_state)
+    return FusedRecurrentDecayFunction.apply(
+        q, k, v, log_decay, float(scale), initial_state, output_final_state
+    )

@@ -1,0 +1,327 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Configuration of linear attention with a configurable decay (the design space of Qin et al., 2025)."""
+
+from __future__ import annotations
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+from .configuration_mhc import validate_hyper_connection_fields
+
+DECAY_TYPES = (
+    "mamba2",
+    "mamba2_no_a",
+    "mamba2_no_dt",
+    "mamba2_no_a_no_dt",
+    "gla",
+    "hgrn2",
+    "lightnet",
+    "tnl",
+    "tnl_learnable",
+    "simple",
+    "none",
+)
+# Decays without an input-dependent projection `f`: one value per head, so no vector granularity and no sharing.
+SCALAR_ONLY_DECAY_TYPES = ("tnl", "tnl_learnable", "none")
+DECAY_GRANULARITIES = ("scalar", "vector")
+POSITIONAL_ENCODINGS = ("none", "rope", "tpe")
+
+
+@strict
+class DecayLinearAttnConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`DecayLinearAttnModel`]: a decoder whose token mixer is linear attention with a decay
+    `S_t = diag(lambda_t) S_{t-1} + k_t v_t^T`, configurable along the four axes of "Elucidating the Design Space of
+    Decay in Linear Attention" (Qin et al., 2025): parameterisation, sharing with the key, granularity and positional
+    encoding; plus H3's short convolution, softmax-attention layers for a hybrid, the delta rule (DPLR) and
+    (manifold-constrained) hyper-connections around every sub-layer.
+
+    The Llama-style fields (`vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`,
+    `num_attention_heads`, `num_key_value_heads`, `head_dim`, `hidden_act`, `max_position_embeddings`,
+    `initializer_range`, `rms_norm_eps`, `use_cache`, `tie_word_embeddings`, `rope_parameters`, `attention_bias`,
+    `attention_dropout`, `mlp_bias`) mean what they mean in [`~transformers.LlamaConfig`]; the softmax-attention layers
+    of a hybrid are transformers' `LlamaAttention`. Linear-attention layers use `num_attention_heads` heads of
+    `head_dim` channels for q, k and v.
+
+    Args:
+        decay_type (`str`, *optional*, defaults to `"simple"`):
+            How `log lambda_t` is computed from `f = f_proj(x)` (all values are `<= 0`):
+            `"mamba2"`: `-exp(A_log) * softplus(f + dt_bias)`; `"mamba2_no_a"` / `"mamba2_no_dt"` /
+            `"mamba2_no_a_no_dt"`: the same without `A` and/or `dt_bias`; `"gla"`: `logsigmoid(f / gla_gate_normalizer)`;
+            `"hgrn2"`: `logsigmoid(f)`, optionally with a lower bound rising with depth; `"lightnet"`:
+            `z_{t-1} - z_t` with `z_t = logcumsumexp(f)_t`; `"tnl"`: fixed ALiBi-like slopes per head, decreasing with
+            depth; `"tnl_learnable"`: the TNL values as learnable parameters; `"simple"` (Simple Decay, the paper's
+            proposal): `logsigmoid(f + delta)` with `delta = logit(simple_decay_init)`; `"none"`: no decay (`lambda=1`).
+        decay_granularity (`str`, *optional*, defaults to `"scalar"`):
+            `"scalar"`: one decay per head (`f_proj = Linear(hidden, heads)`); `"vector"`: one decay per key channel
+            (`f_proj` is the low-rank `Linear(hidden, decay_low_rank_dim) -> Linear(decay_low_rank_dim, heads * head_dim)`).
+        share_decay_with_key (`bool`, *optional*, defaults to `False`):
+            Derive the decay from the key projection instead of a separate `f_proj`: `k = 1 - lambda` (GLA, HGRN2,
+            LightNet, Simple Decay) or `k = softplus(W_k x + dt_bias)`, `log lambda = -A k` (Mamba2 family). Needs
+            vector granularity (the key has one value per channel).
+        simple_decay_init (`float`, *optional*, defaults to 0.99):
+            `p` in (0, 1): Simple Decay's `delta` starts at `logit(p)`, so the median decay at initialisation is `p`.
+        decay_low_rank_dim (`int`, *optional*):
+            Rank of the vector-decay projection; defaults to `head_dim`.
+        gla_gate_normalizer (`float`, *optional*, defaults to 16.0):
+            GLA's `log lambda = logsigmoid(f / gla_gate_normalizer)`, as in the decay paper's code. (fla's GLA layer uses
+            `logsigmoid(f) / 16` instead, a different function; we follow the paper we reproduce.)
+        hgrn2_lower_bound (`bool`, *optional*, defaults to `False`):
+            HGRN2's learnable lower bound `lb_l` rising with depth: `lambda = lb_l + (1 - lb_l) sigmoid(f)`.
+        mamba2_a_init_min (`float`, *optional*, defaults to 1.0), mamba2_a_init_max (`float`, *optional*, defaults to 16.0):
+            `A ~ U(min, max)` at initialisation.
+        mamba2_dt_min (`float`, *optional*, defaults to 0.001), mamba2_dt_max (`float`, *optional*, defaults to 0.1),
+        mamba2_dt_init_floor (`float`, *optional*, defaults to 1e-4):
+            `dt` is log-uniform in `[dt_min, dt_max]` (floored), and `dt_bias = inverse_softplus(dt)`.
+        positional_encoding (`str`, *optional*, defaults to `"none"`):
+            `"rope"`: the cosine variant of the paper's code, `q -> [q cos(t theta), q sin(t theta)]` (same for k), which
+            doubles the key dimension and keeps `q_t . k_s` a function of `t - s`; the vector decay is repeated over the
+            doubled channels. `"tpe"`: one extra linear-attention pass with data-independent q/k and a per-head decay
+            over the embeddings before the first layer.
+        short_conv_size (`int`, *optional*, defaults to 0):
+            Kernel size of H3's shift SSM, implemented as a causal depthwise convolution on q, k and v (followed by the
+            usual activations, and SiLU on v); 0 disables it. 4 is the usual choice.
+        attention_layers (`list[int]`, *optional*):
+            Indices of layers that use softmax attention (`LlamaAttention`) instead of linear attention, for an
+            H3-style hybrid (H3 used layers 2 and 2 + N/2). At least one layer must stay linear.
+        use_delta_rule (`bool`, *optional*, defaults to `False`):
+            The DPLR extension `S_t = (I - beta_t k_t k_t^T) diag(lambda_t) S_{t-1} + k_t v_t^T` with L2-normalised k and
+            `beta = 2 sigmoid(beta_proj(x))` in (0, 2).
+        use_output_gate (`bool`, *optional*, defaults to `True`):
+            Multiply the normalised mixer output by `sigmoid(output_gate(x))`, a low-rank gate of rank
+            `output_gate_low_rank_dim` (defaults to `head_dim`).
+        chunk_size (`int`, *optional*, defaults to 64):
+            Chunk length of the chunked parallel form used for training and prefill.
+        layer_types (`list[str]`, *optional*):
+            Derived: `"full_attention"` at `attention_layers`, `"linear_attention"` elsewhere. `DynamicCache` reads it.
+        hyper_connection (`str`, *optional*, defaults to `"none"`), num_streams (`int`, *optional*, defaults to 1),
+        sinkhorn_iterations, hc_gate_init, hc_dynamic, hc_readout, hc_convention, hc_res_logit_gap, hc_pre_bias_init,
+        hc_post_bias_init, hc_symmetry_breaking, hc_eps, hc_recompute, hc_recompute_interval:
+            As in [`MHCConfig`]: `"mhc"` or `"hc"` widen the residual stream to `num_streams` streams joined by
+            hyper-connections around the mixer and the MLP of every layer; `"none"` is a plain residual.
+
+    Example:
+
+    ```python
+    >>> from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM
+
+    >>> config = DecayLinearAttnConfig(
+    ...     hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+    ...     decay_type="simple", decay_granularity="vector", short_conv_size=4, attention_layers=[1],
+    ... )
+    >>> model = DecayLinearAttnForCausalLM(config)
+    ```"""
+
+    model_type = "decay_linear_attn"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # Per linear-attention layer the cache holds up to four states (see `DecayLinearAttnStateIndex` in the modeling
+    # file): the recurrent state (+ short-conv state), LightNet's running normaliser, TPE's state and a token counter.
+    number_of_conv_states = 4
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float = 0.0
+    mlp_bias: bool = False
+
+    decay_type: str = "simple"
+    decay_granularity: str = "scalar"
+    share_decay_with_key: bool = False
+    simple_decay_init: float = 0.99
+    decay_low_rank_dim: int | None = None
+    gla_gate_normalizer: float = 16.0
+    hgrn2_lower_bound: bool = False
+    mamba2_a_init_min: float = 1.0
+    mamba2_a_init_max: float = 16.0
+    mamba2_dt_min: float = 0.001
+    mamba2_dt_max: float = 0.1
+    mamba2_dt_init_floor: float = 1e-4
+    positional_encoding: str = "none"
+    short_conv_size: int = 0
+    attention_layers: list[int] | None = None
+    use_delta_rule: bool = False
+    use_output_gate: bool = True
+    output_gate_low_rank_dim: int | None = None
+    chunk_size: int = 64
+    layer_types: list[str] | None = None
+
+    # Hyper-connections: same names and meaning as `MHCConfig`, but a plain residual by default.
+    num_streams: int = 1
+    hyper_connection: str = "none"
+    sinkhorn_iterations: int = 20
+    hc_gate_init: float = 0.01
+    hc_dynamic: bool = True
+    hc_readout: str = "mean"
+    hc_convention: str = "paper"
+    hc_res_logit_gap: float = 4.0
+    hc_pre_bias_init: float | None = None
+    hc_post_bias_init: float = 0.0
+    hc_symmetry_breaking: float = 0.0
+    hc_eps: float = 1e-6
+    hc_recompute: bool = False
+    hc_recompute_interval: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.decay_low_rank_dim is None:
+            self.decay_low_rank_dim = self.head_dim
+        if self.output_gate_low_rank_dim is None:
+            self.output_gate_low_rank_dim = self.head_dim
+        self.attention_layers = sorted(set(self.attention_layers or []))
+        self._validate_decay_fields()
+        derived = [
+            "full_attention" if i in self.attention_layers else "linear_attention"
+            for i in range(self.num_hidden_layers)
+        ]
+        if self.layer_types is not None and list(self.layer_types) != derived:
+            raise ValueError(
+                f"`layer_types` is derived from `attention_layers` ({self.attention_layers}) and "
+                f"`num_hidden_layers` ({self.num_hidden_layers}) as {derived}, got {self.layer_types}; set "
+                f"`attention_layers` instead."
+            )
+        self.layer_types = derived
+        validate_hyper_connection_fields(self)
+        super().__post_init__(**kwargs)
+
+    def _validate_decay_fields(self) -> None:
+        """Raises `ValueError` naming the field, the value and what is allowed."""
+
+        def choice(field: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"`{field}` must be one of {list(allowed)}, got {value!r}.")
+
+        def positive_int(field: str, minimum: int = 1) -> None:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"`{field}` must be an integer >= {minimum}, got {value!r}.")
+
+        choice("decay_type", DECAY_TYPES)
+        choice("decay_granularity", DECAY_GRANULARITIES)
+        choice("positional_encoding", POSITIONAL_ENCODINGS)
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "chunk_size"):
+            positive_int(field)
+        for field in ("decay_low_rank_dim", "output_gate_low_rank_dim"):
+            positive_int(field)
+        positive_int("short_conv_size", minimum=0)
+        if self.short_conv_size == 1:
+            raise ValueError(
+                "`short_conv_size=1` is a per-channel scale, not a shift over previous tokens: use 0 (off) or >= 2."
+            )
+
+        vector_only = self.decay_granularity == "vector"
+        if self.decay_type in SCALAR_ONLY_DECAY_TYPES and vector_only:
+            raise ValueError(
+                f"`decay_type={self.decay_type!r}` has one fixed or learned value per head, so "
+                f"`decay_granularity` must be 'scalar', got {self.decay_granularity!r}."
+            )
+        if self.share_decay_with_key:
+            if self.decay_type in SCALAR_ONLY_DECAY_TYPES:
+                raise ValueError(
+                    f"`share_decay_with_key=True` derives the decay from the key projection, but "
+                    f"`decay_type={self.decay_type!r}` does not depend on the input; allowed decay types: "
+                    f"{[t for t in DECAY_TYPES if t not in SCALAR_ONLY_DECAY_TYPES]}."
+                )
+            if not vector_only:
+                raise ValueError(
+                    "`share_decay_with_key=True` ties one decay to each key channel (`k = 1 - lambda`), so "
+                    f"`decay_granularity` must be 'vector', got {self.decay_granularity!r}."
+                )
+        if self.hgrn2_lower_bound and self.decay_type != "hgrn2":
+            raise ValueError(
+                f"`hgrn2_lower_bound=True` is HGRN2's depth-dependent lower bound and needs `decay_type='hgrn2'`, "
+                f"got {self.decay_type!r}."
+            )
+        p = self.simple_decay_init
+        if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            raise ValueError(
+                f"`simple_decay_init` is the initial median decay and must be in (0, 1), got {p!r}."
+            )
+        if not self.gla_gate_normalizer > 0:
+            raise ValueError(f"`gla_gate_normalizer` must be > 0, got {self.gla_gate_normalizer!r}.")
+        if not 0 < self.mamba2_a_init_min <= self.mamba2_a_init_max:
+            raise ValueError(
+                f"`mamba2_a_init_min` / `mamba2_a_init_max` must satisfy 0 < min <= max, got "
+                f"{self.mamba2_a_init_min!r} / {self.mamba2_a_init_max!r}."
+            )
+        if not 0 < self.mamba2_dt_min <= self.mamba2_dt_max or not self.mamba2_dt_init_floor > 0:
+            raise ValueError(
+                f"`mamba2_dt_min` / `mamba2_dt_max` / `mamba2_dt_init_floor` must satisfy 0 < min <= max and "
+                f"floor > 0, got {self.mamba2_dt_min!r} / {self.mamba2_dt_max!r} / {self.mamba2_dt_init_floor!r}."
+            )
+        bad = [
+            i for i in self.attention_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
+        ]
+        if bad:
+            raise ValueError(
+                f"`attention_layers` must hold layer indices in [0, {self.num_hidden_layers - 1}] "
+                f"(`num_hidden_layers={self.num_hidden_layers}`), got {bad}."
+            )
+        if len(self.attention_layers) == self.num_hidden_layers:
+            raise ValueError(
+                f"`attention_layers` lists every layer ({self.attention_layers}): at least one layer must be linear "
+                f"attention (use `LlamaForCausalLM` for a pure softmax-attention model)."
+            )
+        if self.positional_encoding == "tpe" and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`positional_encoding='tpe'` splits the embeddings over heads: `hidden_size` ({self.hidden_size}) "
+                f"must be a multiple of `num_attention_heads` ({self.num_attention_heads})."
+            )
+        if self.attention_layers and self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
+                f"({self.num_key_value_heads}) for the softmax-attention layers."
+            )
+        if not math.isfinite(float(self.initializer_range)) or self.initializer_range < 0:
+            raise ValueError(
+                f"`initializer_range` must be a finite number >= 0, got {self.initializer_range!r}."
+            )
+
+    @property
+    def key_dim(self) -> int:
+        """Key/query channels per head seen by the linear-attention op (doubled by the cosine RoPE)."""
+        return 2 * self.head_dim if self.positional_encoding == "rope" else self.head_dim
+
+    @property
+    def recompute_interval(self) -> int:
+        """Layers per selective-recomputation segment of the hyper-connections (`L_r ≈ sqrt(n·L/(n+2))`)."""
+        if self.hc_recompute_interval is not None:
+            return self.hc_recompute_interval
+        n, num_layers = self.num_streams, self.num_hidden_layers
+        return max(1, round(math.sqrt(n * num_layers / (n + 2))))
+
+
+__all__ = ["DecayLinearAttnConfig", "DECAY_TYPES", "DECAY_GRANULARITIES", "POSITIONAL_ENCODINGS"]

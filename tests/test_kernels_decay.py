@@ -1,0 +1,242 @@
+"""The decay linear-attention Triton kernels against the float64 token-by-token reference.
+
+Without a GPU the kernels run on CPU tensors under `TRITON_INTERPRET=1` (set in `conftest.py`). Every
+comparison is kernel vs `naive_decay_linear_attn` (the literal recurrence in float64), for the outputs, the
+final state and the gradients of q, k, v, log_decay and the initial state. The interpreter is slow (the
+vector-decay kernels loop over 16-row sub-chunks), so shapes are small and the wider sweep is `slow`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from transformers_mhc.kernels.decay_linear_attn import (  # noqa: E402
+    chunk_decay_linear_attn_triton,
+    fused_recurrent_decay_triton,
+)
+from transformers_mhc.models.decay_ops import naive_decay_linear_attn  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+SCALE = 0.5
+FP32_TOL = 1e-4  # max abs error / max |reference|
+BF16_TOL = 1e-2  # relative RMS error (fla's test practice: 0.005-0.01 for 16-bit inputs)
+DECAYS = {"moderate": (-1.0, 0.0), "near_one": (-1e-3, 0.0), "strong": (-12.0, -10.0)}
+
+
+def _inputs(B, H, T, K, V, vector, decay="moderate", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, H, T, V, generator=gen)
+    lo, hi = DECAYS[decay]
+    log_decay = lo + (hi - lo) * torch.rand((B, H, T, K) if vector else (B, H, T), generator=gen)
+    h0 = torch.randn(B, H, K, V, generator=gen)
+    return q, k, v, log_decay, h0
+
+
+def _run(fn, inputs, dtype, with_state=True, **kwargs):
+    """Outputs and gradients of `fn` for the loss <o, do> + <final_state, dstate> (cotangents seeded)."""
+    q, k, v, log_decay, h0 = inputs
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    leaves.append(log_decay.detach().to(state_dtype).clone().requires_grad_())
+    leaves.append(h0.detach().to(state_dtype).clone().requires_grad_() if with_state else None)
+    o, ht = fn(*leaves[:4], scale=SCALE, initial_state=leaves[4], output_final_state=with_state, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    loss = (o.to(torch.float64) * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    if with_state:
+        loss = loss + (ht.to(torch.float64) * torch.randn(ht.shape, generator=gen, dtype=torch.float64)).sum()
+    loss.backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    return o, ht, grads
+
+
+def _reference(inputs, dtype=torch.float32, with_state=True):
+    """The float64 recurrence on the inputs as the kernel sees them (rounded to `dtype` first)."""
+    rounded = [t.to(dtype).to(torch.float64) for t in inputs[:3]] + [inputs[3].double(), inputs[4].double()]
+    return _run(naive_decay_linear_attn, rounded, torch.float64, with_state)
+
+
+def _max_rel(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def _rms_rel(x, ref):
+    return ((x.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def _check(got, ref, err, tol):
+    """Outputs, final state and every gradient: finite, with the reference's shape, within `tol`."""
+    names = ["o", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state"]
+    pairs = [got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]
+    for name, x, r in zip(names, *pairs):
+        assert (x is None) == (r is None), name
+        if x is None:
+            continue
+        assert x.shape == r.shape, name
+        assert torch.isfinite(x).all(), f"{name} has NaN/inf"
+        e = err(x, r)
+        assert math.isfinite(e) and e <= tol, f"{name}: relative error {e:.2e} > {tol:.0e}"
+
+
+# B, H, T, K, V, chunk_size: T not a multiple of the chunk, several chunks and a single partial one,
+# head dims 16 and 32, K and V that are not powers of two, V split over two value tiles (V = 80 > 64).
+SHAPES = [
+    pytest.param(2, 2, 63, 16, 32, 16, id="T63-c16-B2H2-K16V32"),
+    pytest.param(1, 2, 63, 32, 16, 64, id="T63-c64-B1H2-K32V16"),
+    pytest.param(2, 1, 40, 24, 80, 32, id="T40-c32-B2H1-K24V80"),
+    pytest.param(1, 1, 17, 16, 16, 64, id="T17"),
+    pytest.param(1, 1, 1, 16, 16, 64, id="T1"),
+]
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize(("B", "H", "T", "K", "V", "chunk_size"), SHAPES)
+def test_chunk_matches_naive_fp32(B, H, T, K, V, chunk_size, vector):
+    inputs = _inputs(B, H, T, K, V, vector)
+    got = _run(chunk_decay_linear_attn_triton, inputs, torch.float32, chunk_size=chunk_size)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    _check(got, _reference(inputs), _max_rel, FP32_TOL)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("decay", ["near_one", "strong"])
+def test_chunk_extreme_decays(decay, vector):
+    # Strong decay (log λ in [-12, -10]) over a chunk of 64 drives the cumulative log-decay to about -750:
+    # any positive exponent would overflow. The log-decay gradient is then ~e^-10 and must stay accurate.
+    inputs = _inputs(1, 2, 63, 16, 16, vector, decay=decay)
+    got = _run(chunk_decay_linear_attn_triton, inputs, torch.float32, chunk_size=64)
+    _check(got, _reference(inputs), _max_rel, FP32_TOL)
+
+
+def test_chunk_without_states():
+    """No initial state, no final state: the state gradient is None, the rest still matches."""
+    inputs = _inputs(2, 1, 33, 16, 32, vector=True)
+    got = _run(chunk_decay_linear_attn_triton, inputs, torch.float32, with_state=False, chunk_size=16)
+    assert got[1] is None and got[2][4] is None
+    _check(got, _reference(inputs, with_state=False), _max_rel, FP32_TOL)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_chunk_bf16(vector):
+    inputs = _inputs(2, 1, 63, 32, 32, vector)
+    got = _run(chunk_decay_linear_attn_triton, inputs, torch.bfloat16, chunk_size=32)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert got[2][0].dtype == torch.bfloat16 and got[2][3].dtype == torch.float32
+    _check(got, _reference(inputs, torch.bfloat16), _rms_rel, BF16_TOL)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_recurrent_matches_naive(T, vector):
+    """A decode step (T = 1) and a few steps from a given state; gradients through the chunked backward."""
+    inputs = _inputs(2, 2, T, 16, 80, vector)
+    got = _run(fused_recurrent_decay_triton, inputs, torch.float32)
+    _check(got, _reference(inputs), _max_rel, FP32_TOL)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_prefill_then_decode_equals_full(vector):
+    """Chunked prefill, then one recurrent step per token from the carried state == the whole sequence."""
+    q, k, v, log_decay, h0 = _inputs(1, 2, 21, 16, 32, vector)
+    ref_o, ref_ht = naive_decay_linear_attn(
+        *(t.double() for t in (q, k, v, log_decay)), SCALE, h0.double(), output_final_state=True
+    )
+    o, state = chunk_decay_linear_attn_triton(
+        q[:, :, :16], k[:, :, :16], v[:, :, :16], log_decay[:, :, :16], SCALE, h0, True, chunk_size=16
+    )
+    outs = [o]
+    for t in range(16, 21):
+        o_t, state = fused_recurrent_decay_triton(
+            *(x[:, :, t : t + 1] for x in (q, k, v, log_decay)), SCALE, state, output_final_state=True
+        )
+        outs.append(o_t)
+    assert _max_rel(torch.cat(outs, dim=2), ref_o) <= FP32_TOL
+    assert _max_rel(state, ref_ht) <= FP32_TOL
+
+
+def test_bad_inputs_raise():
+    q, k, v, log_decay, h0 = _inputs(1, 1, 8, 16, 16, vector=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_decay_linear_attn_triton(q, k, v, log_decay, chunk_size=48)
+    with pytest.raises(ValueError, match="log_decay"):
+        chunk_decay_linear_attn_triton(q, k, v, log_decay[..., :4])
+    with pytest.raises(ValueError, match="initial_state"):
+        fused_recurrent_decay_triton(q, k, v, log_decay, initial_state=h0[..., :8])
+    with pytest.raises(ValueError, match="dtype"):
+        fused_recurrent_decay_triton(q, k.double(), v, log_decay)
+    with pytest.raises(ValueError, match="Dk=300"):
+        big = torch.zeros(1, 1, 8, 300)
+        chunk_decay_linear_attn_triton(big, big, v, log_decay)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("chunk_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("decay", list(DECAYS))
+def test_chunk_sweep(decay, chunk_size, vector):
+    inputs = _inputs(2, 2, 130, 32, 48, vector, decay=decay, seed=chunk_size)
+    got = _run(chunk_decay_linear_attn_triton, inputs, torch.float32, chunk_size=chunk_size)
+    _check(got, _reference(inputs), _max_rel, FP32_TOL)
+
+
+_COMPILE_FOR_CUDA = """
+import inspect
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from transformers_mhc.kernels import decay_chunk as dc, decay_recurrent as dr
+
+for vector in (False, True):
+    K = V = BK = BV = 64
+    GK, GBK = (K, BK) if vector else (1, 1)
+    tiles = dict(K=K, V=V, GK=GK, BK=BK, BV=BV, GBK=GBK)
+    chunk = dict(tiles, BT=64, BR=16 if vector else 64, VECTOR=vector, MM=tl.bfloat16)
+    jobs = [
+        (dc._chunk_cumsum_kernel, dict(GK=GK, BT=64, GBK=GBK)),
+        (dc._chunk_state_fwd_kernel, dict(tiles, BT=64, HAS_H0=True, STORE_HT=True, MM=tl.bfloat16)),
+        (dc._chunk_output_fwd_kernel, chunk),
+        (dc._chunk_state_bwd_kernel, dict(tiles, BT=64, HAS_DHT=True, STORE_DH0=True, MM=tl.bfloat16)),
+        (dc._chunk_dv_bwd_kernel, chunk),
+        (dc._chunk_dqk_bwd_kernel, dict(chunk, NV=2)),
+        (dc._chunk_dlog_decay_bwd_kernel, dict(tiles, BT=64, NV=2, VECTOR=vector)),
+        (dr._fused_recurrent_fwd_kernel, dict(tiles, HAS_H0=True, STORE_HT=True)),
+    ]
+    for fn, consts in jobs:
+        signature = {}
+        for name in inspect.signature(fn.fn).parameters:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in ("T", "NT"):
+                signature[name] = "i32"
+            elif name == "scale":
+                signature[name] = "fp32"
+            elif name in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr"):
+                signature[name] = "*bf16"
+            else:
+                signature[name] = "*fp32"
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 80, 32))
+        print("compiled", fn.fn.__name__, "vector" if vector else "scalar", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_cuda():
+    """The interpreter is lenient (shapes, dtypes, loop-carried types): compile every kernel for sm_80
+    offline with Triton's bundled ptxas, as a GPU would (minutes on a CPU)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_CUDA], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 16
