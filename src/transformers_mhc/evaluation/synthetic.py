@@ -213,11 +213,11 @@ def _recall_logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.
 class TrainSettings:
     """Optimisation settings shared by every run of a sweep."""
 
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     eval_examples: int = 1000
     seed: int = 0
 
@@ -304,10 +304,10 @@ def run_synthetic(
     task: str,
     settings: Sequence[tuple[int, int | None]],
     *,
-    d_models: Sequence[int] = (64,),
+    d_models: Sequence[int] = (128,),
     num_layers: int = 2,
     num_heads: int = 1,
-    vocab_size: int = 8192,
+    vocab_size: int = 256,
     train: TrainSettings | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     progress: bool = False,
@@ -322,6 +322,8 @@ def run_synthetic(
         train: optimisation settings (steps, batch size, lr, ...).
         config_overrides: extra config fields for every model (e.g. ``{"num_streams": 4}``).
     """
+    from transformers import AutoModelForCausalLM
+
     train = train or TrainSettings()
     runs = []
     max_seq_len = max(seq_len for seq_len, _ in settings)
@@ -329,8 +331,6 @@ def run_synthetic(
         for d_model in d_models:
             for seq_len, num_kv_pairs in settings:
                 kv = num_kv_pairs if task == "mqar" else None
-                from transformers import AutoModelForCausalLM
-
                 config = build_config(
                     arch,
                     vocab_size=vocab_size,
@@ -376,14 +376,21 @@ def plot_runs(runs: Sequence[SyntheticRun], title: str) -> bytes:
     settings = sorted({(r.seq_len, r.num_kv_pairs or 0) for r in runs})
     labels = [f"{t}\nkv={kv}" if kv else str(t) for t, kv in settings]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(settings) + 2), 4))
-    for arch, d_model in sorted({(r.arch, r.d_model) for r in runs}):
+    markers = "osD^vP*X"  # distinct and shrinking, so that lines on the same points stay visible
+    for number, (arch, d_model) in enumerate(sorted({(r.arch, r.d_model) for r in runs})):
         points = {
             (r.seq_len, r.num_kv_pairs or 0): r.accuracy
             for r in runs
             if (r.arch, r.d_model) == (arch, d_model)
         }
         xs = [i for i, s in enumerate(settings) if s in points]
-        ax.plot(xs, [points[settings[i]] for i in xs], marker="o", label=f"{arch} d={d_model}")
+        ax.plot(
+            xs,
+            [points[settings[i]] for i in xs],
+            marker=markers[number % len(markers)],
+            markersize=max(3.0, 9.0 - 1.5 * number),
+            label=f"{arch} d={d_model}",
+        )
     ax.set_xticks(range(len(settings)), labels)
     ax.set_xlabel("sequence length" + (" / kv pairs" if any(r.num_kv_pairs for r in runs) else ""))
     ax.set_ylabel("accuracy")
@@ -445,15 +452,20 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         help="mqar: SEQ:KV,... (default: Zoology's 64:4,128:8,256:16,256:32,256:64); induction: SEQ,... "
         "(default: 64,128,256)",
     )
-    parser.add_argument("--d-model", default="64", help="comma-separated widths (default: %(default)s)")
+    parser.add_argument("--d-model", default="128", help="comma-separated widths (default: %(default)s)")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--num-heads", type=int, default=1)
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=256,
+        help="default %(default)s: learnable in a CPU budget (Zoology uses 8192, which needs far more steps)",
+    )
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -506,7 +518,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     report = {
         "task": args.task,
-        "command": "transformers-mhc " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "model": {"num_layers": args.num_layers, "num_heads": args.num_heads, "vocab_size": args.vocab_size},
         "train": asdict(train),
         "torch_threads": torch.get_num_threads(),
