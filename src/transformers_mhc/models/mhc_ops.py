@@ -27,6 +27,8 @@ Shapes: `N` is any number of leading token dimensions, `n` the number of streams
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:  # The Triton fast path is optional: absent where the package is not installed (remote code).
@@ -84,8 +86,76 @@ def sinkhorn_knopp_backward(
     return grad
 
 
+# The multiplicative form `m / m.sum(d)` needs 2 small kernels per normalisation where the log-space one needs ~8,
+# but its `exp` can underflow. When every matrix's logits lie within this range of each other, the smallest entry
+# of any iterate stays far above fp32's smallest normal number (the cross-ratios m_ij m_kl / (m_il m_kj) do not
+# change under row and column scaling, which bounds every entry below by about exp(-2 * range) / n^4), so the two
+# forms agree to rounding. Wider logits (up to ±1e4 and beyond) take the log-space form.
+_MULTIPLICATIVE_LOGIT_RANGE = 30.0
+
+
+def _batch_last(matrices: torch.Tensor) -> torch.Tensor:
+    """`[..., n, n]` -> `[n, n, N]`: the batch contiguous and innermost, so that on CPU every reduction over `i` or
+    `j` and every broadcasting division runs over contiguous length-`N` vectors (a few µs each), instead of
+    strided size-`n` dimensions (several times slower) or tiny matmuls (which pay a thread handshake each)."""
+    n = matrices.shape[-1]
+    return matrices.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _from_batch_last(matrices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # Contiguous again: batched matmuls over batch-strided matrices fall back to one small matmul per token.
+    return matrices.permute(2, 0, 1).contiguous().view(shape)
+
+
+def _multiplicative_is_safe(z: torch.Tensor) -> bool:
+    """Whether every matrix of `z` (`[n, n, N]`) spans at most `_MULTIPLICATIVE_LOGIT_RANGE`.
+
+    A data-dependent choice, so eager only: compiled code keeps the branch-free log-space form.
+    """
+    if torch.compiler.is_compiling() or z.numel() == 0:
+        return False
+    spread = z.amax(dim=(0, 1)) - z.amin(dim=(0, 1))
+    return bool(spread.max() <= _MULTIPLICATIVE_LOGIT_RANGE)
+
+
+def _sinkhorn_multiplicative(z: torch.Tensor, num_iterations: int, keep: bool):
+    """`exp(z - max)`, then alternate column and row normalisations by division, on `[n (i), n (j), N]`.
+
+    Returns the result, the first matrix and, with `keep` (for backward), every normalisation's `(output, sums)`.
+    """
+    m = torch.exp(z - z.amax(dim=(0, 1), keepdim=True))
+    first, steps = m, []
+    for step in range(2 * num_iterations):  # columns (sum over i), then rows (sum over j; last: exact rows)
+        sums = m.sum(dim=step % 2, keepdim=True)
+        if keep:
+            m = m / sums
+            steps.append((m, sums))
+        else:
+            m = m.div_(sums)
+    return m, first, steps
+
+
+def _sinkhorn_multiplicative_backward(
+    z: torch.Tensor, grad: torch.Tensor, num_iterations: int
+) -> torch.Tensor:
+    """Exact gradient of the multiplicative form on `[n, n, N]`, recomputing its iterates from `z`.
+
+    For `y = m / s` with `s = Σ_d m`: `dL/dm = (g - Σ_d g·y) / s`; through `m = exp(z - max)`, `dL/dz = m · dL/dm`
+    (the max is a constant shift that the normalisations cancel, so it carries no gradient).
+    """
+    _, first, steps = _sinkhorn_multiplicative(z, num_iterations, keep=True)
+    for step in range(len(steps) - 1, -1, -1):
+        y, sums = steps[step]
+        grad = (grad - (grad * y).sum(dim=step % 2, keepdim=True)).div_(sums)
+    return grad.mul_(first)
+
+
 class SinkhornKnoppFunction(torch.autograd.Function):
-    """Sinkhorn-Knopp in fp32 whose backward recomputes the iterations (only the logits are saved)."""
+    """Sinkhorn-Knopp in fp32 whose backward recomputes the iterations (only the logits are saved).
+
+    Runs the multiplicative form (fewer, cheaper kernels) when every matrix's logits span at most
+    `_MULTIPLICATIVE_LOGIT_RANGE`, the log-space form otherwise: the same function either way.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, num_iterations: int) -> torch.Tensor:
@@ -93,12 +163,22 @@ class SinkhornKnoppFunction(torch.autograd.Function):
         logits = logits if logits.dtype == torch.float64 else logits.float()
         ctx.save_for_backward(logits)
         ctx.num_iterations = num_iterations
+        z = _batch_last(logits)
+        ctx.multiplicative = _multiplicative_is_safe(z)
+        if ctx.multiplicative:
+            return _from_batch_last(_sinkhorn_multiplicative(z, num_iterations, keep=False)[0], logits.shape)
         return _sinkhorn_log_iterates(logits, num_iterations, keep=False)[0].exp()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        return sinkhorn_knopp_backward(logits, grad_out.to(logits.dtype), ctx.num_iterations), None
+        grad_out = grad_out.to(logits.dtype)
+        if ctx.multiplicative:
+            grad = _sinkhorn_multiplicative_backward(
+                _batch_last(logits), _batch_last(grad_out), ctx.num_iterations
+            )
+            return _from_batch_last(grad, logits.shape), None
+        return sinkhorn_knopp_backward(logits, grad_out, ctx.num_iterations), None
 
 
 def sinkhorn_knopp(logits: torch.Tensor, num_iterations: int = 20) -> torch.Tensor:
@@ -127,6 +207,87 @@ def sinkhorn_knopp_deepseek_v4(logits: torch.Tensor, num_iterations: int, eps: f
 
 
 # --------------------------------------------------------------------------------------------------
+# One gradient buffer for a sub-layer's streams (torch path)
+# --------------------------------------------------------------------------------------------------
+class _StreamGradSink:
+    """Sums the stream-gradient terms of one sub-layer's hyper-connection in a single buffer.
+
+    A sub-layer's streams `x` feed three ops: the coefficients, the pre-mix and the res/post mix. Left to autograd,
+    each materialises its own `[N, n, C]` gradient and autograd adds them up: two extra full-width buffers and two
+    extra passes per sub-layer. While a sink `collect`s, the coefficients' forward registers as its consumer and the
+    mixes taking the same `x` register as producers (each gets a slot); in backward, producers put their `x` term
+    (`h_preᵀ g` or `h_resᵀ g`) in their slot instead of returning it, and the coefficients' backward adds the terms
+    in place into its own gradient. Autograd always runs the coefficients' backward after the producers' (it needs
+    the gradients they produce for `h_pre`, `h_post` and `h_res`); when it does not run, no gradient reaches `x`.
+    Eager torch path only (not under `torch.compile`, not with the Triton kernels).
+    """
+
+    active: list[_StreamGradSink] = []
+
+    def __init__(self):
+        self.key = None  # (data_ptr, numel, dtype) of the consumer's x
+        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self._forced_slot: int | None = None
+
+    @contextlib.contextmanager
+    def collect(self, slot: int | None = None):
+        """Makes this the sink of the ops run inside. `slot`: the producer inside is the one registered under that
+        slot already (a backward recomputation, whose streams may live at another address); skip the matching."""
+        type(self).active.append(self)
+        self._forced_slot = slot
+        try:
+            yield
+        finally:
+            self._forced_slot = None
+            type(self).active.pop()
+
+    @staticmethod
+    def _key(x: torch.Tensor):
+        return (x.data_ptr(), x.numel(), x.dtype)
+
+    @classmethod
+    def consumer(cls, x: torch.Tensor) -> _StreamGradSink | None:
+        sink = cls.active[-1] if cls.active else None
+        if sink is None or sink.key is not None or torch.compiler.is_compiling() or not x.is_contiguous():
+            return None
+        sink.key = cls._key(x)
+        return sink
+
+    @classmethod
+    def producer(cls, x: torch.Tensor) -> tuple[_StreamGradSink, int] | None:
+        """`(sink, slot)` if `x` is the consumer's input (so its gradient term can go to the sink), else `None`."""
+        sink = cls.active[-1] if cls.active else None
+        if sink is None or sink.key is None or torch.compiler.is_compiling() or not x.is_contiguous():
+            return None
+        if sink._forced_slot is not None:
+            return sink, sink._forced_slot
+        if sink.key != cls._key(x):
+            return None
+        sink.slots.append(None)
+        return sink, len(sink.slots) - 1
+
+    @staticmethod
+    def put(target: tuple[_StreamGradSink, int], coefficients: torch.Tensor, grad: torch.Tensor) -> None:
+        sink, slot = target
+        sink.slots[slot] = (
+            coefficients,
+            grad,
+        )  # a repeated backward (retain_graph) overwrites, never adds up
+
+    def add_to(self, grad_x: torch.Tensor) -> None:
+        """Adds every `coefficientsᵀ g` term into `grad_x` (`[N, n, C]`, fp32) in place, and empties the slots."""
+        for slot, term in enumerate(self.slots):
+            if term is None:
+                continue
+            coefficients, grad = term
+            if coefficients.dim() == 2:  # h_pre [N, n], grad [N, C]: an outer product
+                grad_x.addcmul_(coefficients.unsqueeze(-1), grad.unsqueeze(-2))
+            else:  # h_res [N, n, n], grad [N, n, C]
+                grad_x.baddbmm_(coefficients.transpose(1, 2), grad)
+            self.slots[slot] = None
+
+
+# --------------------------------------------------------------------------------------------------
 # Coefficients (paper §3, §5.1-5.2)
 # --------------------------------------------------------------------------------------------------
 def mhc_coefficients(
@@ -148,14 +309,75 @@ def mhc_coefficients(
     if _use_triton(mhc_coefficients_triton, x, phi):
         return mhc_coefficients_triton(x, phi, alpha, static_bias, eps)
     n = _num_streams(phi.shape[0])
-    x = x.float()
-    inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-    proj = (x @ phi.float().t()) * inv_rms
-    alpha = alpha.float()
-    gates = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-    logits = proj * gates + static_bias.float()
-    pre, post, res = logits.split([n, n, n * n], dim=-1)
-    return torch.sigmoid(pre), 2 * torch.sigmoid(post), res.unflatten(-1, (n, n))
+    lead = x.shape[:-1]
+    h_pre, h_post, res = MHCCoefficientsFunction.apply(
+        x.reshape(-1, x.shape[-1]), phi, alpha, static_bias, eps
+    )
+    return h_pre.view(*lead, n), h_post.view(*lead, n), res.view(*lead, n, n)
+
+
+class MHCCoefficientsFunction(torch.autograd.Function):
+    """`mhc_coefficients` on `[N, nC]` streams with a hand-written backward.
+
+    Autograd of the plain formulas makes several full passes over the `nC`-wide input in backward (`pow`, `mean`
+    and the matmul each get their own); here the sum of squares is one reduction (`vector_norm`), nothing
+    `nC`-wide is saved except the input itself (which the stream mixing saves anyway), and the input gradient is
+    one matmul plus one fused multiply-add: `dx = (g/r) φ - (Σ g·(xφ)) / (r³ nC) · x` with `1/r` the inverse RMS.
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, static_bias, eps):
+        n = _num_streams(phi.shape[0])
+        xf, phi_f = x.float(), phi.float()
+        width = x.shape[-1]
+        inv_rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
+        raw = xf @ phi_f.t()
+        alpha_f = alpha.float()
+        gates = torch.cat([alpha_f[0].expand(n), alpha_f[1].expand(n), alpha_f[2].expand(n * n)])
+        logits = (raw * inv_rms) * gates + static_bias.float()
+        h_pre = torch.sigmoid(logits[:, :n])
+        h_post = 2 * torch.sigmoid(logits[:, n : 2 * n])
+        res = logits[:, 2 * n :].contiguous()
+        ctx.save_for_backward(x, phi, inv_rms, raw, gates, h_pre, h_post)
+        ctx.meta = (n, width, alpha.dtype, static_bias.dtype)
+        ctx.sink = _StreamGradSink.consumer(x)
+        return h_pre, h_post, res
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pre, grad_post, grad_res):
+        x, phi, inv_rms, raw, gates, h_pre, h_post = ctx.saved_tensors
+        n, width, alpha_dtype, bias_dtype = ctx.meta
+        zeros = raw.new_zeros(raw.shape[0], n)
+        grad_logits = torch.cat(
+            [
+                grad_pre.float() * h_pre * (1 - h_pre) if grad_pre is not None else zeros,
+                grad_post.float() * h_post * (1 - h_post / 2) if grad_post is not None else zeros,
+                grad_res.float() if grad_res is not None else raw.new_zeros(raw.shape[0], n * n),
+            ],
+            dim=-1,
+        )
+        grad_x = grad_phi = grad_alpha = grad_bias = None
+        grad_proj = grad_logits * gates
+        grad_raw = grad_proj * inv_rms
+        if ctx.needs_input_grad[0]:
+            xf = x.float()
+            # d(1/r)/dx = -(1/r)³ x / nC
+            coef = (grad_proj * raw).sum(dim=-1, keepdim=True) * inv_rms.pow(3) / -width
+            grad_x = (grad_raw @ phi.float()).addcmul_(xf, coef)
+            if ctx.sink is not None:  # the stream mixes' x-terms, added in place (see `_StreamGradSink`)
+                ctx.sink.add_to(grad_x.view(grad_x.shape[0], n, width // n))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_phi = (grad_raw.t() @ x.float()).to(phi.dtype)
+        if ctx.needs_input_grad[2]:
+            per_gate = (grad_logits * (raw * inv_rms)).sum(dim=0)
+            grad_alpha = torch.stack(
+                [per_gate[:n].sum(), per_gate[n : 2 * n].sum(), per_gate[2 * n :].sum()]
+            ).to(alpha_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_logits.sum(dim=0).to(bias_dtype)
+        return grad_x, grad_phi, grad_alpha, grad_bias, None
 
 
 def _num_streams(width: int) -> int:
@@ -181,7 +403,34 @@ def hc_pre_mix(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     if _use_triton(hc_pre_mix_triton, h_pre, x):
         return hc_pre_mix_triton(h_pre, x)
-    return torch.matmul(h_pre.float().unsqueeze(-2), x.float()).squeeze(-2).to(x.dtype)
+    lead, (n, width) = x.shape[:-2], x.shape[-2:]
+    h_pre = h_pre.float().expand(*lead, n).reshape(-1, n)  # broadcast: expand's backward sums the gradient
+    return HCPreMixFunction.apply(h_pre, x.reshape(-1, n, width)).view(*lead, width)
+
+
+class HCPreMixFunction(torch.autograd.Function):
+    """`hc_pre_mix` on `[N, n]` (fp32) and `[N, n, C]`: batched `[1, n] @ [n, C]` products, saving only the inputs."""
+
+    @staticmethod
+    def forward(ctx, h_pre, x):
+        ctx.save_for_backward(h_pre, x)
+        ctx.sink = _StreamGradSink.producer(x)
+        return torch.bmm(h_pre.unsqueeze(1), x.float()).squeeze(1).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h_pre, x = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_h = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.bmm(grad.unsqueeze(1), x.float().transpose(1, 2)).squeeze(1)
+        if ctx.needs_input_grad[1]:
+            if ctx.sink is not None:
+                _StreamGradSink.put(ctx.sink, h_pre, grad)
+            else:
+                grad_x = (h_pre.unsqueeze(2) * grad.unsqueeze(1)).to(x.dtype)  # outer product, one pass
+        return grad_h, grad_x
 
 
 def hc_res_post_mix(
@@ -200,11 +449,53 @@ def hc_res_post_mix(
     """
     if _use_triton(hc_res_post_mix_triton, h_res, x, h_post, f):
         return hc_res_post_mix_triton(h_res, x, h_post, f)
-    mixed = torch.matmul(h_res.float(), x.float()) + h_post.float().unsqueeze(-1) * f.float().unsqueeze(-2)
-    return mixed.to(x.dtype)
+    lead, (n, width) = x.shape[:-2], x.shape[-2:]
+    lead = torch.broadcast_shapes(lead, f.shape[:-1])
+    # Broadcast coefficients are expanded per token (the backward of `expand` sums their gradients).
+    h_res = h_res.float().expand(*lead, n, n).reshape(-1, n, n)
+    h_post = h_post.float().expand(*lead, n).reshape(-1, n)
+    x = x.expand(*lead, n, width).reshape(-1, n, width)
+    f = f.expand(*lead, width).reshape(-1, width)
+    return HCResPostMixFunction.apply(h_res, x, h_post, f).view(*lead, n, width)
+
+
+class HCResPostMixFunction(torch.autograd.Function):
+    """`hc_res_post_mix` on `[N, ...]` tensors: one batched matmul plus one fused multiply-add in forward, four
+    batched matmuls (no `[N, n, C]` temporaries besides the input gradient) in backward; saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, h_res, x, h_post, f):
+        ctx.save_for_backward(h_res, x, h_post, f)
+        ctx.sink = _StreamGradSink.producer(x)
+        mixed = torch.bmm(h_res, x.float())
+        return mixed.addcmul_(h_post.unsqueeze(-1), f.float().unsqueeze(-2)).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h_res, x, h_post, f = ctx.saved_tensors
+        # Contiguous: e.g. the mean readout's gradient is a stride-0 broadcast, on which batched matmuls fall back to
+        # one small matmul (and copy) per token.
+        grad = grad.float().contiguous()
+        grad_res = grad_x = grad_post = grad_f = None
+        if ctx.needs_input_grad[0]:
+            grad_res = torch.bmm(grad, x.float().transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            if ctx.sink is not None:
+                _StreamGradSink.put(ctx.sink, h_res, grad)
+            else:
+                grad_x = torch.bmm(h_res.transpose(1, 2), grad).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_post = torch.bmm(grad, f.float().unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[3]:
+            grad_f = torch.bmm(h_post.unsqueeze(1), grad).squeeze(1).to(f.dtype)
+        return grad_res, grad_x, grad_post, grad_f
 
 
 __all__ = [
+    "HCPreMixFunction",
+    "HCResPostMixFunction",
+    "MHCCoefficientsFunction",
     "SinkhornKnoppFunction",
     "hc_pre_mix",
     "hc_res_post_mix",

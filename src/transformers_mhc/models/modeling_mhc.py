@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import contextlib
-from functools import partial
+import weakref
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -35,13 +35,134 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_mhc import MHCConfig
 from .hyper_connection import HyperConnection, StreamReadout, expand_streams
-from .mhc_ops import hc_pre_mix, hc_res_post_mix
+from .mhc_ops import _StreamGradSink, hc_pre_mix, hc_res_post_mix
+
 
 # ------------------------------------------------------------------------------------------------
-# Selective recomputation (mHC paper §5.6): inside a recomputation segment, everything a sub-layer
-# (attention / MLP) computes is saved as usual, while the n-stream hyper-connection arithmetic is
-# recomputed in backward from the segment's input streams.
+# Training-memory savings. Both keep the numerics bit-for-bit: what is dropped in forward is recomputed
+# in backward by the very same operations. (Speed: each sub-layer's stream gradient is summed in one
+# buffer by a `_StreamGradSink`, see `mhc_ops`.)
+#
+# 1. A sub-layer's input `norm(Σ_j h_pre_j x_j)` is a cheap function of the streams, which the
+#    hyper-connection keeps for backward anyway; `_SublayerInput` keeps only `h_pre` and the streams,
+#    not the mixed input and the norm's intermediates (always on in training).
+# 2. Selective recomputation (mHC paper §5.6, `config.hc_recompute`): per segment of
+#    `config.recompute_interval` layers only the segment's input streams are kept; the streams produced
+#    inside it are replaced, wherever autograd would save them, by a recipe: `x_{k+1} = h_res x_k + h_postᵀ f_k`
+#    from the small coefficients and the sub-layer outputs `f_k` (saved anyway). The first backward
+#    access recomputes the segment's streams (`_StreamRecomputation`).
 # ------------------------------------------------------------------------------------------------
+class _SublayerInput(torch.autograd.Function):
+    """`norm(hc_pre_mix(h_pre, streams))`, saving only `h_pre` and `streams`; backward reruns it with autograd."""
+
+    @staticmethod
+    def forward(
+        ctx, norm: nn.Module, sink, h_pre: torch.Tensor, streams: torch.Tensor, *params: torch.Tensor
+    ):
+        ctx.norm, ctx.params = norm, params
+        # The pre-mix recomputed in backward hands its stream gradient to the sub-layer's sink, under this slot.
+        ctx.sink = _StreamGradSink.producer(streams.reshape(-1)) if sink is not None else None
+        ctx.save_for_backward(h_pre, streams)
+        return norm(hc_pre_mix(h_pre, streams))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h_pre, streams = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        inputs = [h_pre.detach().requires_grad_(needs[0]), streams.detach().requires_grad_(needs[1])]
+        sink = ctx.sink[0].collect(slot=ctx.sink[1]) if ctx.sink is not None else contextlib.nullcontext()
+        with torch.enable_grad(), sink:
+            output = ctx.norm(hc_pre_mix(*inputs))
+        wrt = [t for t, need in zip([*inputs, *ctx.params], needs) if need]
+        grads = iter(torch.autograd.grad(output, wrt, grad, allow_unused=True) if wrt else ())
+        return (None, None, *(next(grads) if need else None for need in needs))
+
+
+def _new_sink() -> _StreamGradSink | None:
+    # One gradient buffer per sub-layer's streams (`_StreamGradSink`): eager training only.
+    return _StreamGradSink() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
+
+
+def _collecting(sink: _StreamGradSink | None):
+    return sink.collect() if sink is not None else contextlib.nullcontext()
+
+
+class _StreamRecomputation:
+    """Selective recomputation of the streams of one segment of layers, through saved-tensor hooks.
+
+    `produced` registers each new stream tensor with the recipe that made it. While the segment runs, the pack
+    hook swaps any saved tensor that lives in a registered stream's storage for a small token (the recipe's index
+    and the view's geometry); the stream itself is then freed after forward. In backward, the first token to be
+    unpacked recomputes the segment's streams from its input (kept), each stream is cached until its last saved
+    reference has been unpacked.
+    """
+
+    active: list[_StreamRecomputation] = []
+
+    def __init__(self, first: torch.Tensor):
+        self.first = first.detach()
+        self.recipes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.storages: dict[int, tuple[int, weakref.ref, int]] = {}  # data_ptr -> (index, storage, offset)
+        self.cache: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, int] = {}
+
+    def produced(self, streams: torch.Tensor, h_res, h_post, f) -> None:
+        self.recipes.append((h_res.detach(), h_post.detach(), f.detach()))
+        storage = streams.untyped_storage()
+        self.storages[storage.data_ptr()] = (
+            len(self.recipes),
+            weakref.ref(storage),
+            streams.storage_offset(),
+        )
+
+    def pack(self, tensor: torch.Tensor):
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+            return tensor
+        entry = self.storages.get(storage.data_ptr())
+        if entry is None or entry[1]() is not storage:  # not a stream (an address can be reused once freed)
+            return tensor
+        index, _, offset = entry
+        self.pending[index] = self.pending.get(index, 0) + 1
+        return (self, index, tensor.shape, tensor.stride(), tensor.storage_offset() - offset)
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        self, index, shape, stride, offset = packed
+        stream = self._stream(index)
+        self.pending[index] -= 1
+        if self.pending[index] <= 0:
+            self.cache.pop(index, None)
+        return stream.as_strided(shape, stride, stream.storage_offset() + offset)
+
+    def _stream(self, index: int) -> torch.Tensor:
+        if index in self.cache:
+            return self.cache[index]
+        start = max((k for k in self.cache if k < index), default=0)
+        stream = self.cache[start] if start else self.first
+        with torch.no_grad():
+            for k in range(start + 1, index + 1):
+                stream = hc_res_post_mix(self.recipes[k - 1][0], stream, *self.recipes[k - 1][1:])
+                if self.pending.get(k, 0) > 0:
+                    self.cache[k] = stream
+        return stream
+
+    @contextlib.contextmanager
+    def __call__(self):
+        type(self).active.append(self)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            type(self).active.pop()
+
+
+# Selective checkpointing helpers used by `modeling_decay_linear_attn` (its segments run under
+# `torch.utils.checkpoint` with this policy: ops inside a sub-layer are saved, the hyper-connection
+# arithmetic is recomputed). `MHCModel` uses `_StreamRecomputation` above instead.
 _SUBLAYER_DEPTH = 0
 
 
@@ -57,6 +178,12 @@ def _inside_sublayer():
 
 def _keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if _SUBLAYER_DEPTH > 0 else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    for decoder_layer in layers:
+        hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
+    return hidden_streams
 
 
 class MHCDecoderLayer(GradientCheckpointingLayer):
@@ -92,38 +219,62 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         """`hidden_streams`: `[batch, seq, num_streams, hidden]`; returns the streams after the layer."""
         # Self Attention
         if self.hyper_connection == "none":
-            attn_input = hidden_streams.squeeze(-2)
+            attn_input = self.input_layernorm(hidden_streams.squeeze(-2))
         else:
-            h_pre, h_post, h_res = self.attn_hc(hidden_streams)
-            attn_input = hc_pre_mix(h_pre, hidden_streams)
-        with _inside_sublayer():
-            attn_output, _ = self.self_attn(
-                hidden_states=self.input_layernorm(attn_input),
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
+            sink = _new_sink()
+            with _collecting(sink):
+                h_pre, h_post, h_res = self.attn_hc(hidden_streams)
+                attn_input = self._sublayer_input(self.input_layernorm, h_pre, hidden_streams, sink)
+        attn_output, _ = self.self_attn(
+            hidden_states=attn_input,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         if self.hyper_connection == "none":
             hidden_streams = hidden_streams + attn_output.unsqueeze(-2)
         else:
-            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, attn_output)
+            with _collecting(sink):
+                hidden_streams = self._write_streams(h_res, hidden_streams, h_post, attn_output)
 
         # Fully Connected
         if self.hyper_connection == "none":
-            mlp_input = hidden_streams.squeeze(-2)
+            mlp_input = self.post_attention_layernorm(hidden_streams.squeeze(-2))
         else:
-            h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
-            mlp_input = hc_pre_mix(h_pre, hidden_streams)
-        with _inside_sublayer():
-            mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
+            sink = _new_sink()
+            with _collecting(sink):
+                h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
+                mlp_input = self._sublayer_input(self.post_attention_layernorm, h_pre, hidden_streams, sink)
+        mlp_output = self.mlp(mlp_input)
         if self.hyper_connection == "none":
             hidden_streams = hidden_streams + mlp_output.unsqueeze(-2)
         else:
-            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, mlp_output)
+            with _collecting(sink):
+                hidden_streams = self._write_streams(h_res, hidden_streams, h_post, mlp_output)
         return hidden_streams
+
+    def _sublayer_input(
+        self, norm: nn.Module, h_pre: torch.Tensor, streams: torch.Tensor, sink
+    ) -> torch.Tensor:
+        """`norm(Σ_j h_pre_j x_j)`; in training, recomputed in backward instead of being kept."""
+        if (
+            torch.is_grad_enabled()
+            and (h_pre.requires_grad or streams.requires_grad)
+            and not torch.compiler.is_compiling()  # compiled graphs make their own recomputation choices
+            and not (self.gradient_checkpointing and self.training)  # the whole layer is recomputed already
+        ):
+            return _SublayerInput.apply(norm, sink, h_pre, streams, *norm.parameters())
+        return norm(hc_pre_mix(h_pre, streams))
+
+    @staticmethod
+    def _write_streams(h_res, streams, h_post, f) -> torch.Tensor:
+        streams = hc_res_post_mix(h_res, streams, h_post, f)
+        if _StreamRecomputation.active:
+            _StreamRecomputation.active[-1].produced(streams, h_res, h_post, f)
+        return streams
 
 
 class MHCPreTrainedModel(PreTrainedModel):
@@ -212,8 +363,10 @@ class MHCModel(MHCPreTrainedModel):
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
-        # Stream creation: the embedding is copied into every stream.
-        hidden_streams = expand_streams(inputs_embeds, self.config.num_streams)
+        # Stream creation: the embedding is copied into every stream. Materialised once: the flattened copy the
+        # first coefficients need would cost as much memory, and batched matmuls over a stride-0 view copy it per
+        # token (several times slower).
+        hidden_streams = expand_streams(inputs_embeds, self.config.num_streams).contiguous()
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
 
         layer_kwargs = dict(
@@ -225,24 +378,20 @@ class MHCModel(MHCPreTrainedModel):
             **kwargs,
         )
         layers = self.layers[: self.config.num_hidden_layers]
-        recompute = self.config.hc_recompute and self.training and torch.is_grad_enabled()
-        segment = self.config.recompute_interval if recompute else 1
-        for start in range(0, len(layers), segment):
-            segment_layers = layers[start : start + segment]
-            if recompute:
-                hidden_streams = checkpoint(
-                    _run_layers,
-                    segment_layers,
-                    hidden_streams,
-                    layer_kwargs,
-                    use_reentrant=False,
-                    context_fn=partial(create_selective_checkpoint_contexts, _keep_sublayer_activations),
-                )
-            else:
-                hidden_streams = _run_layers(segment_layers, hidden_streams, layer_kwargs)
-            if output_hidden_states:
-                # Only segment boundaries are visible from here; with recomputation off a segment is one layer.
-                all_hidden_states += (self.stream_readout(hidden_streams),)
+        recompute = (
+            self.config.hc_recompute
+            and self.config.hyper_connection != "none"
+            and self.training
+            and torch.is_grad_enabled()
+        )
+        segment = self.config.recompute_interval if recompute else len(layers)
+        for start in range(0, len(layers), max(segment, 1)):
+            context = _StreamRecomputation(hidden_streams)() if recompute else contextlib.nullcontext()
+            with context:
+                for decoder_layer in layers[start : start + segment]:
+                    hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
+                    if output_hidden_states:
+                        all_hidden_states += (self.stream_readout(hidden_streams),)
 
         # Stream collapse, then the final norm.
         hidden_states = self.norm(self.stream_readout(hidden_streams))
@@ -254,12 +403,6 @@ class MHCModel(MHCPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
         )
-
-
-def _run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
-    for decoder_layer in layers:
-        hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
-    return hidden_streams
 
 
 def _position_ids(
