@@ -25,11 +25,13 @@ A token's residual state is `n` streams, `[batch, seq, n, hidden]`. Around each 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy
 from transformers import initialization as init
 
 from .mhc_ops import mhc_coefficients, sinkhorn_knopp, sinkhorn_knopp_deepseek_v4
@@ -206,4 +208,48 @@ def expand_streams(hidden_states: torch.Tensor, num_streams: int) -> torch.Tenso
     return hidden_states.unsqueeze(-2).expand(*hidden_states.shape[:-1], num_streams, hidden_states.shape[-1])
 
 
-__all__ = ["HyperConnection", "StreamReadout", "expand_streams"]
+def position_ids_skipping_padding(
+    attention_mask: torch.Tensor | None, seq_len: int, past_seen_tokens: int, device: torch.device
+) -> torch.LongTensor:
+    """Positions that skip left padding, so a padded sample sees the same RoPE phases as when run alone."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return (torch.arange(seq_len, device=device) + past_seen_tokens).unsqueeze(0)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq_len:]
+
+
+# Selective checkpointing for models whose layer segments run under `torch.utils.checkpoint` with the
+# policy below (used by `modeling_decay_linear_attn`): ops inside a sub-layer (marked by
+# `inside_sublayer()`) are saved, the hyper-connection arithmetic around them is recomputed.
+_SUBLAYER_DEPTH = 0
+
+
+@contextlib.contextmanager
+def inside_sublayer():
+    global _SUBLAYER_DEPTH
+    _SUBLAYER_DEPTH += 1
+    try:
+        yield
+    finally:
+        _SUBLAYER_DEPTH -= 1
+
+
+def keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if _SUBLAYER_DEPTH > 0 else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    for decoder_layer in layers:
+        hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
+    return hidden_streams
+
+
+__all__ = [
+    "HyperConnection",
+    "StreamReadout",
+    "expand_streams",
+    "inside_sublayer",
+    "keep_sublayer_activations",
+    "position_ids_skipping_padding",
+    "run_layers",
+]

@@ -65,9 +65,16 @@ from .decay_ops import (
     recurrent_decay_linear_attn,
     recurrent_delta_rule_decay,
 )
-from .hyper_connection import HyperConnection, StreamReadout, expand_streams
+from .hyper_connection import (
+    HyperConnection,
+    StreamReadout,
+    expand_streams,
+    inside_sublayer,
+    keep_sublayer_activations,
+    position_ids_skipping_padding,
+    run_layers,
+)
 from .mhc_ops import hc_pre_mix, hc_res_post_mix
-from .modeling_mhc import _inside_sublayer, _keep_sublayer_activations, _position_ids, _run_layers
 
 # Indices of the states a linear-attention layer keeps in its `LinearAttentionLayer` cache slot
 # (`DecayLinearAttnConfig.number_of_conv_states` of them).
@@ -598,7 +605,7 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         else:
             h_pre, h_post, h_res = self.attn_hc(hidden_streams)
             mixer_input = hc_pre_mix(h_pre, hidden_streams)
-        with _inside_sublayer():
+        with inside_sublayer():
             mixer_output = self._mix_tokens(
                 self.input_layernorm(mixer_input),
                 attention_mask,
@@ -621,7 +628,7 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         else:
             h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
             mlp_input = hc_pre_mix(h_pre, hidden_streams)
-        with _inside_sublayer():
+        with inside_sublayer():
             mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
         if self.hyper_connection == "none":
             hidden_streams = hidden_streams + mlp_output.unsqueeze(-2)
@@ -744,7 +751,9 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
         if position_ids is None:
             past_length = 0 if seen is None else int(seen.max())
             padding_mask_2d = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-            position_ids = _position_ids(padding_mask_2d, length, past_length, inputs_embeds.device)
+            position_ids = position_ids_skipping_padding(
+                padding_mask_2d, length, past_length, inputs_embeds.device
+            )
 
         # Masks per layer type: a 2D padding mask (or None) for linear attention, a causal mask for softmax attention.
         if isinstance(attention_mask, dict):
@@ -808,15 +817,15 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
             if recompute:
                 # mHC's selective recomputation, exactly as in `MHCModel`.
                 hidden_streams = checkpoint(
-                    _run_layers,
+                    run_layers,
                     segment_layers,
                     hidden_streams,
                     layer_kwargs,
                     use_reentrant=False,
-                    context_fn=partial(create_selective_checkpoint_contexts, _keep_sublayer_activations),
+                    context_fn=partial(create_selective_checkpoint_contexts, keep_sublayer_activations),
                 )
             else:
-                hidden_streams = _run_layers(segment_layers, hidden_streams, layer_kwargs)
+                hidden_streams = run_layers(segment_layers, hidden_streams, layer_kwargs)
             if output_hidden_states:
                 all_hidden_states += (self.stream_readout(hidden_streams),)
 

@@ -20,7 +20,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -34,7 +33,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_mhc import MHCConfig
-from .hyper_connection import HyperConnection, StreamReadout, expand_streams
+from .hyper_connection import HyperConnection, StreamReadout, expand_streams, position_ids_skipping_padding
 from .mhc_ops import _StreamGradSink, hc_pre_mix, hc_res_post_mix
 
 
@@ -158,32 +157,6 @@ class _StreamRecomputation:
                 yield
         finally:
             type(self).active.pop()
-
-
-# Selective checkpointing helpers used by `modeling_decay_linear_attn` (its segments run under
-# `torch.utils.checkpoint` with this policy: ops inside a sub-layer are saved, the hyper-connection
-# arithmetic is recomputed). `MHCModel` uses `_StreamRecomputation` above instead.
-_SUBLAYER_DEPTH = 0
-
-
-@contextlib.contextmanager
-def _inside_sublayer():
-    global _SUBLAYER_DEPTH
-    _SUBLAYER_DEPTH += 1
-    try:
-        yield
-    finally:
-        _SUBLAYER_DEPTH -= 1
-
-
-def _keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if _SUBLAYER_DEPTH > 0 else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
-    for decoder_layer in layers:
-        hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
-    return hidden_streams
 
 
 class MHCDecoderLayer(GradientCheckpointingLayer):
@@ -350,7 +323,7 @@ class MHCModel(MHCPreTrainedModel):
 
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = _position_ids(
+            position_ids = position_ids_skipping_padding(
                 attention_mask, inputs_embeds.shape[1], past_seen_tokens, inputs_embeds.device
             )
 
@@ -403,16 +376,6 @@ class MHCModel(MHCPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
         )
-
-
-def _position_ids(
-    attention_mask: torch.Tensor | None, seq_len: int, past_seen_tokens: int, device: torch.device
-) -> torch.LongTensor:
-    """Positions that skip left padding, so a padded sample sees the same RoPE phases as when run alone."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return (torch.arange(seq_len, device=device) + past_seen_tokens).unsqueeze(0)
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -seq_len:]
 
 
 class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
