@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from hub_server import FakeHub, split_card, validate_model_card_metadata
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -25,8 +26,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 import transformers_mhc.models
-from transformers_mhc import MHCConfig, MHCForCausalLM, cli
-from transformers_mhc.hub import add_subparser, build_model_card, push_to_hub, save_for_hub
+from transformers_mhc import (
+    DecayLinearAttnConfig,
+    DecayLinearAttnForCausalLM,
+    DecayLinearAttnModel,
+    MHCConfig,
+    MHCForCausalLM,
+    MHCModel,
+    cli,
+)
+from transformers_mhc.hub import add_subparser, build_model_card, complete_auto_map, push_to_hub, save_for_hub
 
 REPO_ID = "tester/tiny-mhc"
 TOKEN = "dummy-token"
@@ -43,6 +52,32 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mhc.MHCConfig",
     "AutoModel": "modeling_mhc.MHCModel",
     "AutoModelForCausalLM": "modeling_mhc.MHCForCausalLM",
+}
+DECAY_TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    short_conv_size=4,
+    attention_layers=[1],
+)
+DECAY_AUTO_MAP = {
+    "AutoConfig": "configuration_decay_linear_attn.DecayLinearAttnConfig",
+    "AutoModel": "modeling_decay_linear_attn.DecayLinearAttnModel",
+    "AutoModelForCausalLM": "modeling_decay_linear_attn.DecayLinearAttnForCausalLM",
+}
+# model_type -> (config class, its tiny arguments, base model class, causal LM class, expected auto_map, a card tag)
+FAMILIES = {
+    "mhc": (MHCConfig, TINY, MHCModel, MHCForCausalLM, AUTO_MAP, "mhc"),
+    "decay_linear_attn": (
+        DecayLinearAttnConfig,
+        DECAY_TINY,
+        DecayLinearAttnModel,
+        DecayLinearAttnForCausalLM,
+        DECAY_AUTO_MAP,
+        "decay-linear-attention",
+    ),
 }
 SUBPROCESS_TIMEOUT = 180
 
@@ -114,6 +149,41 @@ RELOAD_SCRIPT = textwrap.dedent(
         "max_abs_diff": (logits - expected["logits"]).abs().max().item(),
         "package_loaded": any(name.startswith("transformers_mhc") for name in sys.modules),
     }))
+    """
+)
+
+# Loads saved folders in a process where `transformers_mhc` cannot be imported, saves them again with the plain
+# `save_pretrained` (of the remote code's classes) and opens the result with `AutoModel`, which needs its entry.
+RESAVE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from importlib.abc import MetaPathFinder
+
+    class BlockPackage(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
+                raise ModuleNotFoundError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockPackage())
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    report = {}
+    for folder in sys.argv[1:]:
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).save_pretrained(folder + "-causal-lm")
+        AutoModel.from_pretrained(folder, trust_remote_code=True).save_pretrained(folder + "-base")
+        base = AutoModel.from_pretrained(folder + "-causal-lm", trust_remote_code=True)
+        report[folder] = {
+            saved: {
+                "auto_map": json.load(open(folder + saved + "/config.json"))["auto_map"],
+                "files": sorted(os.listdir(folder + saved)),
+            }
+            for saved in ("-causal-lm", "-base")
+        }
+        report[folder]["base_from_causal_lm"] = type(base).__name__
+    report["package_loaded"] = any(name.startswith("transformers_mhc") for name in sys.modules)
+    print(json.dumps(report))
     """
 )
 
@@ -236,6 +306,31 @@ def local_hub(monkeypatch):
 
 def tiny_model() -> MHCForCausalLM:
     return MHCForCausalLM(MHCConfig(**TINY)).eval()
+
+
+def tiny_family_model(model_type: str, base: bool = False):
+    """The tiny causal LM (or, with `base`, the base model) of `model_type`."""
+    config_class, kwargs, base_class, causal_lm_class, _, _ = FAMILIES[model_type]
+    return (base_class if base else causal_lm_class)(config_class(**kwargs)).eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the 64 ids of the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # --- the push of PUSH_SCRIPT ------------------------------------------------------------------------
@@ -410,22 +505,104 @@ def test_push_decay_linear_attention_model(local_hub):
     assert "decay-linear-attention" in split_card(readme)[0]["tags"]
 
 
-# --- saving -----------------------------------------------------------------------------------------
-def test_save_for_hub_completes_auto_map(tmp_path):
-    model = tiny_model()
-    model.save_pretrained(tmp_path / "plain")
-    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
-    assert "AutoModel" not in plain["auto_map"]  # what save_pretrained alone writes
+# --- model.push_to_hub and save_pretrained(push_to_hub=True) -----------------------------------------
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_model_push_to_hub_uploads_our_card_and_the_full_auto_map(local_hub, model_type):
+    repo_id = f"tester/method-{model_type.replace('_', '-')}"
+    model = tiny_family_model(model_type)
+    info = model.push_to_hub(repo_id, token=TOKEN, tags=["my-tag"], commit_message="First version")
+    files = local_hub.files(repo_id)
+    auto_map = FAMILIES[model_type][4]
+    assert json.loads(files["config.json"])["auto_map"] == auto_map
+    assert {name.split(".")[0] + ".py" for name in auto_map.values()} <= set(files)
+    readme = files["README.md"].decode()
+    assert validate_model_card_metadata(readme) == []
+    metadata, body = split_card(readme)
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert {"transformers-mhc", FAMILIES[model_type][5], "custom_code", "my-tag"} <= set(metadata["tags"])
+    assert f'AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)' in body
+    assert "automatically generated" not in readme  # transformers' placeholder card
+    [commit] = local_hub.repos[repo_id]["commits"]
+    assert commit["summary"] == "First version" and commit["oid"] == info.oid
+    assert local_hub.unexpected == []
 
-    folder = save_for_hub(model, tmp_path / "hub", card=ModelCard("---\nlicense: mit\n---\n\n# card\n"))
+
+def test_save_pretrained_with_push_to_hub_uploads_our_card(local_hub, tmp_path):
+    folder = tmp_path / "saved-mhc"
+    tiny_model().save_pretrained(folder, push_to_hub=True, repo_id="tester/saved-mhc", token=TOKEN)
+    files = local_hub.files("tester/saved-mhc")
+    assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
+    assert 'from_pretrained("tester/saved-mhc", trust_remote_code=True)' in files["README.md"].decode()
+    assert 'from_pretrained("path/to/model", trust_remote_code=True)' in (folder / "README.md").read_text()
+    assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+
+
+# --- saving -----------------------------------------------------------------------------------------
+def test_save_for_hub_writes_the_given_card_and_auto_map(tmp_path):
+    card = ModelCard("---\nlicense: mit\n---\n\n# card\n")
+    folder = save_for_hub(tiny_model(), tmp_path / "hub", card=card)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
+    assert (folder / "README.md").read_text() == str(card)  # not replaced by the card save_pretrained writes
     assert {name: config[name] for name in ("num_streams", "hidden_size")} == {
         "num_streams": 2,
         "hidden_size": 32,
     }
     for name in (*CODE_FILES, "model.safetensors", "README.md"):
         assert (folder / name).is_file(), name
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["causal_lm", "base_model"])
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_save_pretrained_writes_the_full_auto_map_and_our_card(tmp_path, model_type, base):
+    model = tiny_family_model(model_type, base=base)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == FAMILIES[model_type][4]
+    assert config["architectures"] == [type(model).__name__]
+    readme = tmp_path / "README.md"
+    assert validate_model_card_metadata(readme.read_text()) == []
+    metadata, body = split_card(readme.read_text())
+    assert {"transformers-mhc", FAMILIES[model_type][5], "custom_code"} <= set(metadata["tags"])
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/model", trust_remote_code=True)' in body
+    assert os.stat(readme).st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_save_pretrained_keeps_an_existing_card(tmp_path):
+    (tmp_path / "README.md").write_text("# My own card\n")
+    tiny_model().save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# My own card\n"
+
+
+def test_complete_auto_map_completes_a_folder_saved_without_it(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["auto_map"]["AutoModel"]  # what earlier versions wrote
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    complete_auto_map(tmp_path, model)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
+def test_save_pretrained_after_a_remote_code_load_writes_the_full_auto_map(tmp_path):
+    folders = []
+    for model_type in FAMILIES:
+        folders.append(str(tmp_path / model_type))
+        tiny_family_model(model_type).save_pretrained(folders[-1])
+    result = run_script(RESAVE_SCRIPT, folders, hub_env(tmp_path, "http://127.0.0.1:9"), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["package_loaded"] is False
+    for folder, model_type in zip(folders, FAMILIES):
+        _, _, base_class, _, auto_map, _ = FAMILIES[model_type]
+        for saved in ("-causal-lm", "-base"):
+            assert report[folder][saved]["auto_map"] == auto_map, (model_type, saved)
+            # Without the package, no card: transformers' own behaviour (the code travels all the same).
+            assert "README.md" not in report[folder][saved]["files"]
+            assert {name.split(".")[0] + ".py" for name in auto_map.values()} <= set(
+                report[folder][saved]["files"]
+            )
+        assert report[folder]["base_from_causal_lm"] == base_class.__name__
 
 
 def test_save_for_hub_rejects_non_transformers_models(tmp_path):
@@ -479,3 +656,82 @@ def test_cli_push_reports_errors(local_hub, tmp_path, capsys):
     assert run_cli(["push", str(tmp_path / "missing"), "tester/x", "--token", TOKEN]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert local_hub.requests == []
+
+
+def test_cli_push_uploads_the_folder_as_it_is_without_loading_the_model(
+    local_hub, tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    tokenizer_files = {Path(name).name for name in tiny_tokenizer().save_pretrained(folder)}
+    # Written by an earlier version: no AutoModel in auto_map. The other files are not for the repository.
+    config = json.loads((folder / "config.json").read_text())
+    del config["auto_map"]["AutoModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "mhc_conversion.json").write_text(json.dumps({"output": str(folder)}))
+    (folder / "train.py").write_text("print('not model code')\n")
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"old")
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("push loaded the model although the folder can be uploaded as it is")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    assert run_cli(["push", str(folder), "tester/folder-mhc", "--token", TOKEN]) == 0
+    assert "tester/folder-mhc" in capsys.readouterr().out
+
+    files = local_hub.files("tester/folder-mhc")
+    code_files = {"hub_mixin.py", *CODE_FILES}
+    assert set(files) == {"README.md", "config.json", "generation_config.json", "model.safetensors"} | (
+        code_files | tokenizer_files
+    )
+    for name in set(files) - {"README.md", "config.json"}:
+        assert files[name] == before[name], name
+    assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
+    assert 'from_pretrained("tester/folder-mhc", trust_remote_code=True)' in files["README.md"].decode()
+    assert {
+        path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
+    } == before  # untouched
+
+
+def test_cli_push_reloads_a_folder_that_lacks_model_code(local_hub, tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    (folder / "mhc_ops.py").unlink()
+    assert run_cli(["push", str(folder), "tester/reloaded-mhc", "--token", TOKEN]) == 0
+    assert "mhc_ops.py" in capsys.readouterr().err
+    files = local_hub.files("tester/reloaded-mhc")
+    package_models = Path(transformers_mhc.models.__file__).parent
+    assert files["mhc_ops.py"] == (package_models / "mhc_ops.py").read_bytes()
+    assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
+
+
+def test_cli_push_offline_prints_one_error_line(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    with FakeHub(token=TOKEN) as hub:
+        result = subprocess.run(
+            [sys.executable, "-m", "transformers_mhc.cli", "push", str(folder), REPO_ID],
+            env=hub_env(tmp_path, hub.url, HF_HUB_OFFLINE="1"),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+        )
+        assert hub.requests == []
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("transformers-mhc push: error: ") and "HF_HUB_OFFLINE" in line
+
+
+def test_cli_push_to_an_unreachable_endpoint_prints_one_error_line(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    capsys.readouterr()  # the progress bar of save_pretrained
+    assert run_cli(["push", str(folder), REPO_ID, "--token", TOKEN]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("transformers-mhc push: error: cannot reach the Hub at http://127.0.0.1:9")

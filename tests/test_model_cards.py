@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from hub_server import split_card, validate_model_card_metadata
 from huggingface_hub import EvalResult, ModelCard
 from transformers import LlamaConfig, PreTrainedConfig
 
-from transformers_mhc import MHCConfig, MHCForCausalLM
+from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM, MHCConfig, MHCForCausalLM
 from transformers_mhc import hub as hub_module
 from transformers_mhc.hub import (
     add_subparser,
@@ -83,6 +88,69 @@ def test_templates_ship_with_the_package():
         assert text.startswith("---\n{{ card_data }}\n---\n"), kind
     with pytest.raises(ValueError, match="available"):
         template_path("gpt2")
+
+
+# Runs the given scripts where `transformers_mhc` cannot be imported, as on a machine with transformers only.
+SNIPPET_RUNNER = textwrap.dedent(
+    """
+    import runpy, sys
+    from importlib.abc import MetaPathFinder
+
+    class BlockPackage(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
+                raise ModuleNotFoundError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockPackage())
+    for script in sys.argv[1:]:
+        runpy.run_path(script, run_name="__main__")
+    """
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the 64 ids of the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_card_snippet_runs_as_written_without_a_prompt(tmp_path):
+    decay = DecayLinearAttnConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    scripts = []
+    for name, model in (
+        ("mhc", MHCForCausalLM(MHCConfig(**TINY))),
+        ("decay", DecayLinearAttnForCausalLM(decay)),
+    ):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        [snippet] = re.findall(r"```python\n(.*?)```", build_model_card(model).text, flags=re.DOTALL)
+        scripts.append(tmp_path / f"{name}_snippet.py")
+        scripts[-1].write_text(snippet.replace('"path/to/model"', json.dumps(str(folder))))
+    (tmp_path / "runner.py").write_text(SNIPPET_RUNNER)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    # No terminal: a `[y/N]` trust_remote_code prompt would read EOF and fail.
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "runner.py"), *map(str, scripts)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[y/N]" not in result.stdout + result.stderr
+    assert len(result.stdout.strip().splitlines()) == 2  # one decoded continuation per snippet
 
 
 # --- (a) MHC --------------------------------------------------------------------------------------
@@ -180,7 +248,9 @@ def test_decay_card_with_the_real_config(tmp_path):
         from transformers_mhc.models.configuration_decay_linear_attn import DecayLinearAttnConfig
     except ImportError:
         pytest.skip("DecayLinearAttnConfig is not available")
-    config = DecayLinearAttnConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    config = DecayLinearAttnConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
     _, body, _ = parsed(build_model_card(config), tmp_path)
     assert f"| Decay parameterisation (`decay_type`) | `{config.decay_type}` |" in body
     assert f"| Decay granularity (`decay_granularity`) | `{config.decay_granularity}` |" in body
@@ -438,6 +508,16 @@ def test_card_cli_refuses_unparsable_existing_metadata(saved_model, capsys):
     assert "--fresh" in capsys.readouterr().err
     assert readme.read_text() == "---\n- just\n- a list\n---\n\nbody\n"
     assert run_cli(["card", str(saved_model), "--fresh"]) == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_write_model_card_gives_the_file_normal_modes(saved_model, umask):
+    previous = os.umask(umask)
+    try:
+        path = write_model_card(saved_model, build_model_card(saved_model))
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # 0o644 / 0o640, not mkstemp's 0o600
 
 
 def test_write_model_card_is_atomic(saved_model, monkeypatch):
