@@ -241,11 +241,11 @@ def prefill(model, length: int, chunk: int, vocab: int, is_llama: bool):
         for start in range(0, length, chunk):
             out = model(
                 input_ids=ids[:, start : start + chunk],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            cache = out.past_key_values
+            cache = out.cache
     return cache
 
 
@@ -256,9 +256,9 @@ def decode_latency(model, cache, steps: int, vocab: int) -> float:
     with torch.no_grad():
         for i in range(steps + 1):
             t0 = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, cache=cache, use_cache=True)
             dt = time.perf_counter() - t0
-            cache = out.past_key_values
+            cache = out.cache
             tok = out.logits[:, -1:].argmax(-1)
             if i:
                 times.append(dt)

@@ -135,7 +135,7 @@ class _HyperLlama(nn.Module):
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=None,
-            past_key_values=None,
+            cache=None,
             position_ids=position_ids,
         )
         position_embeddings = model.rotary_emb(inputs_embeds, position_ids=position_ids)

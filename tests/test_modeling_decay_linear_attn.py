@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from transformers_mhc import (
     DecayLinearAttnConfig,
@@ -19,9 +20,9 @@ from transformers_mhc import (
     signal_gain,
 )
 from transformers_mhc.models import modeling_decay_linear_attn as modeling
-from transformers_mhc.models.configuration_decay_linear_attn import DECAY_TYPES
+from transformers_mhc.models.configuration_decay_linear_attn import DECAY_TYPES, cache_state_indices
 from transformers_mhc.models.decay_ops import naive_decay_linear_attn, naive_delta_rule_decay
-from transformers_mhc.models.modeling_decay_linear_attn import DecayLinearAttention, DecayLinearAttnCache
+from transformers_mhc.models.modeling_decay_linear_attn import DecayLinearAttention, tokens_seen
 
 VOCAB = 100
 
@@ -204,13 +205,13 @@ def test_prefill_then_decode_equals_full_forward(kwargs):
     ids = torch.randint(3, VOCAB, (2, 24))
     full = model(ids).logits
 
-    cache = DecayLinearAttnCache(config=model.config)
-    pieces = [model(ids[:, :11], past_key_values=cache, use_cache=True).logits]
-    pieces.append(model(ids[:, 11:17], past_key_values=cache, use_cache=True).logits)  # chunked continuation
+    cache = DynamicCache(config=model.config)
+    pieces = [model(ids[:, :11], cache=cache, use_cache=True).logits]
+    pieces.append(model(ids[:, 11:17], cache=cache, use_cache=True).logits)  # chunked continuation
     for t in range(17, 24):
-        pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        pieces.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     assert max_diff(torch.cat(pieces, dim=1), full) <= 1e-4
-    assert cache.get_seq_length() == 24
+    assert tokens_seen(cache, model.config) == 24
 
 
 @pytest.mark.parametrize(
@@ -272,14 +273,11 @@ def test_generate_with_cache_equals_without(kwargs):
 @torch.no_grad()
 def test_generate_accepts_a_user_dynamic_cache():
     """A plain `DynamicCache(config=...)` works too: `generate` needs its length even when every layer is linear."""
-    from transformers import DynamicCache
 
     model = make_model()
     prompt = torch.randint(3, VOCAB, (1, 5))
     expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
-    out = model.generate(
-        prompt, past_key_values=DynamicCache(config=model.config), max_new_tokens=5, do_sample=False
-    )
+    out = model.generate(prompt, cache=DynamicCache(config=model.config), max_new_tokens=5, do_sample=False)
     assert torch.equal(out, expected)
 
 
@@ -346,15 +344,18 @@ def test_tnl_decays_stay_below_one_in_every_layer():
 
 def test_lightnet_normaliser_and_conv_state_live_in_the_cache():
     model = make_model(decay_type="lightnet", decay_granularity="vector", short_conv_size=4)
-    cache = DecayLinearAttnCache(config=model.config)
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(3, VOCAB, (2, 9)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, VOCAB, (2, 9)), cache=cache, use_cache=True)
+    states = cache_state_indices(model.config)
+    assert states == {"recurrent": 0, "lightnet_normaliser": 1}
     layer = cache.layers[0]
-    assert layer.recurrent_states[modeling.STATE_RECURRENT].shape == (2, 2, 16, 16)
-    assert layer.recurrent_states[modeling.STATE_RECURRENT].dtype == torch.float32
-    assert layer.recurrent_states[modeling.STATE_LIGHTNET_NORMALISER].shape == (2, 32)
-    assert layer.conv_states[modeling.STATE_RECURRENT].shape == (2, 3 * 32, 4)
-    assert cache.get_seq_length() == 9
+    assert layer.number_of_states == 2
+    assert layer.recurrent_states[states["recurrent"]].shape == (2, 2, 16, 16)
+    assert layer.recurrent_states[states["recurrent"]].dtype == torch.float32
+    assert layer.recurrent_states[states["lightnet_normaliser"]].shape == (2, 32)
+    assert layer.conv_states[states["recurrent"]].shape == (2, 3 * 32, 4)
+    assert tokens_seen(cache, model.config) == 9
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -249,10 +249,10 @@ def test_prefill_then_decode_matches_full_forward_logits():
         full = model(ids).logits
         out = model(ids[:, :8], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(8, 14):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -335,7 +335,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
     ids = torch.randint(0, TINY["vocab_size"], (2, 10))
     plain = perturb_hc(tiny_mhc(num_streams=4), 0.3).train()
     checkpointed = perturb_hc(tiny_mhc(num_streams=4), 0.3).train()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     expected, actual = _grads(plain, ids), _grads(checkpointed, ids)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -13,15 +13,37 @@
 # limitations under the License.
 """Configuration of linear attention with a configurable decay (the design space of Qin et al., 2025)."""
 
-from __future__ import annotations
-
 import math
+from typing import Any
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import validated_field
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .configuration_mhc import validate_hyper_connection_fields
+from .configuration_mhc import (
+    HC_CONVENTIONS,
+    HC_READOUTS,
+    HYPER_CONNECTION_TYPES,
+    MAX_GATE,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN_SIZE,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_LAYERS,
+    MAX_LOGIT,
+    MAX_POSITIONS,
+    MAX_SINKHORN_ITERATIONS,
+    MAX_STREAMS,
+    MAX_VOCAB_SIZE,
+    activation,
+    check_model_type,
+    integer_in,
+    number_in,
+    one_of,
+    strict_config,
+    validate_attention_heads,
+    validate_hyper_connection_fields,
+)
 
 DECAY_TYPES = (
     "mamba2",
@@ -40,9 +62,15 @@ DECAY_TYPES = (
 SCALAR_ONLY_DECAY_TYPES = ("tnl", "tnl_learnable", "none")
 DECAY_GRANULARITIES = ("scalar", "vector")
 POSITIONAL_ENCODINGS = ("none", "rope", "tpe")
+# H3 uses 4 taps; a kernel this long is already far beyond any shift SSM and costs O(size) per token.
+MAX_SHORT_CONV_SIZE = 64
+# The chunked form materialises chunk x chunk scores per head.
+MAX_CHUNK_SIZE = 2048
+# Mamba2's A and dt: beyond these the decay is 0 within one token in any precision.
+MAX_MAMBA2_VALUE = 1000.0
 
 
-@strict
+@strict_config
 class DecayLinearAttnConfig(PreTrainedConfig):
     r"""
     Configuration of a [`DecayLinearAttnModel`]: a decoder whose token mixer is linear attention with a decay
@@ -128,22 +156,24 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     ```"""
 
     model_type = "decay_linear_attn"
-    keys_to_ignore_at_inference = ["past_key_values"]
-    # Per linear-attention layer the cache holds up to four states (see `DecayLinearAttnStateIndex` in the modeling
-    # file): the recurrent state (+ short-conv state), LightNet's running normaliser, TPE's state and a token counter.
-    number_of_conv_states = 4
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    @property
+    def number_of_conv_states(self) -> int:
+        """How many states `DynamicCache(config=...)` reserves per linear-attention layer (`cache_state_indices`)."""
+        return len(cache_state_indices(self))
+
+    vocab_size: int = validated_field(integer_in(1, MAX_VOCAB_SIZE), default=32000)
+    hidden_size: int = validated_field(integer_in(1, MAX_HIDDEN_SIZE), default=768)
+    intermediate_size: int = validated_field(integer_in(1, MAX_INTERMEDIATE_SIZE), default=2048)
+    num_hidden_layers: int = validated_field(integer_in(1, MAX_LAYERS), default=12)
+    num_attention_heads: int = validated_field(integer_in(1, MAX_HEADS), default=12)
+    num_key_value_heads: int | None = validated_field(integer_in(1, MAX_HEADS), default=None)
+    head_dim: int | None = validated_field(integer_in(1, MAX_HEAD_DIM), default=None)
+    hidden_act: str = validated_field(activation, default="silu")
+    max_position_embeddings: int = validated_field(integer_in(1, MAX_POSITIONS), default=2048)
+    initializer_range: float = validated_field(number_in(0.0, 1.0), default=0.02)
+    rms_norm_eps: float = validated_field(number_in(0.0, 1.0, exclude_minimum=True), default=1e-6)
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -151,47 +181,64 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     rope_parameters: RopeParameters | dict | None = None
     attention_bias: bool = False
-    attention_dropout: int | float = 0.0
+    attention_dropout: int | float = validated_field(number_in(0.0, 1.0), default=0.0)
     mlp_bias: bool = False
 
-    decay_type: str = "simple"
-    decay_granularity: str = "scalar"
+    decay_type: str = validated_field(one_of(DECAY_TYPES), default="simple")
+    decay_granularity: str = validated_field(one_of(DECAY_GRANULARITIES), default="scalar")
     share_decay_with_key: bool = False
-    simple_decay_init: float = 0.99
-    decay_low_rank_dim: int | None = None
-    gla_gate_normalizer: float = 16.0
+    simple_decay_init: float = validated_field(
+        number_in(0.0, 1.0, exclude_minimum=True, exclude_maximum=True), default=0.99
+    )
+    decay_low_rank_dim: int | None = validated_field(integer_in(1, MAX_HIDDEN_SIZE), default=None)
+    gla_gate_normalizer: float = validated_field(number_in(0.0, 1e4, exclude_minimum=True), default=16.0)
     hgrn2_lower_bound: bool = False
-    mamba2_a_init_min: float = 1.0
-    mamba2_a_init_max: float = 16.0
-    mamba2_dt_min: float = 0.001
-    mamba2_dt_max: float = 0.1
-    mamba2_dt_init_floor: float = 1e-4
-    positional_encoding: str = "none"
-    short_conv_size: int = 0
+    mamba2_a_init_min: float = validated_field(
+        number_in(0.0, MAX_MAMBA2_VALUE, exclude_minimum=True), default=1.0
+    )
+    mamba2_a_init_max: float = validated_field(
+        number_in(0.0, MAX_MAMBA2_VALUE, exclude_minimum=True), default=16.0
+    )
+    mamba2_dt_min: float = validated_field(
+        number_in(0.0, MAX_MAMBA2_VALUE, exclude_minimum=True), default=0.001
+    )
+    mamba2_dt_max: float = validated_field(
+        number_in(0.0, MAX_MAMBA2_VALUE, exclude_minimum=True), default=0.1
+    )
+    mamba2_dt_init_floor: float = validated_field(
+        number_in(0.0, MAX_MAMBA2_VALUE, exclude_minimum=True), default=1e-4
+    )
+    positional_encoding: str = validated_field(one_of(POSITIONAL_ENCODINGS), default="none")
+    short_conv_size: int = validated_field(integer_in(0, MAX_SHORT_CONV_SIZE), default=0)
     attention_layers: list[int] | None = None
     use_delta_rule: bool = False
     use_output_gate: bool = True
-    output_gate_low_rank_dim: int | None = None
-    chunk_size: int = 64
+    output_gate_low_rank_dim: int | None = validated_field(integer_in(1, MAX_HIDDEN_SIZE), default=None)
+    chunk_size: int = validated_field(integer_in(1, MAX_CHUNK_SIZE), default=64)
     layer_types: list[str] | None = None
 
-    # Hyper-connections: same names and meaning as `MHCConfig`, but a plain residual by default.
-    num_streams: int = 1
-    hyper_connection: str = "none"
-    sinkhorn_iterations: int = 20
-    hc_gate_init: float = 0.01
+    # Hyper-connections: same names, meaning and checks as `MHCConfig`, but a plain residual by default.
+    num_streams: int = validated_field(integer_in(1, MAX_STREAMS), default=1)
+    hyper_connection: str = validated_field(one_of(HYPER_CONNECTION_TYPES), default="none")
+    sinkhorn_iterations: int = validated_field(integer_in(1, MAX_SINKHORN_ITERATIONS), default=20)
+    hc_gate_init: float = validated_field(number_in(0.0, MAX_GATE), default=0.01)
     hc_dynamic: bool = True
-    hc_readout: str = "mean"
-    hc_convention: str = "paper"
-    hc_res_logit_gap: float = 4.0
-    hc_pre_bias_init: float | None = None
-    hc_post_bias_init: float = 0.0
-    hc_symmetry_breaking: float = 0.0
-    hc_eps: float = 1e-6
+    hc_readout: str = validated_field(one_of(HC_READOUTS), default="mean")
+    hc_convention: str = validated_field(one_of(HC_CONVENTIONS), default="paper")
+    hc_res_logit_gap: float = validated_field(number_in(0.0, MAX_LOGIT), default=4.0)
+    hc_pre_bias_init: float | None = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=None)
+    hc_post_bias_init: float = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=0.0)
+    hc_symmetry_breaking: float = validated_field(number_in(0.0, 1.0, exclude_maximum=True), default=0.0)
+    hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
     hc_recompute: bool = False
-    hc_recompute_interval: int | None = None
+    hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
 
     def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads}) when `head_dim` is derived from them; or set `head_dim` explicitly."
+            )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -213,8 +260,21 @@ class DecayLinearAttnConfig(PreTrainedConfig):
                 f"`attention_layers` instead."
             )
         self.layer_types = derived
-        validate_hyper_connection_fields(self)
         super().__post_init__(**kwargs)
+
+    def validate_hyper_connections(self) -> None:
+        """Part of `@strict` validation: the rules between the `hc_*` fields (shared with `MHCConfig`)."""
+        validate_hyper_connection_fields(self)
+
+    def validate_attention_layers(self) -> None:
+        """Part of `@strict` validation: the softmax-attention layers of a hybrid are Llama's."""
+        if self.attention_layers:
+            validate_attention_heads(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DecayLinearAttnConfig":
+        check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def _validate_decay_fields(self) -> None:
         """Raises `ValueError` naming the field, the value and what is allowed."""
@@ -224,19 +284,9 @@ class DecayLinearAttnConfig(PreTrainedConfig):
             if value not in allowed:
                 raise ValueError(f"`{field}` must be one of {list(allowed)}, got {value!r}.")
 
-        def positive_int(field: str, minimum: int = 1) -> None:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"`{field}` must be an integer >= {minimum}, got {value!r}.")
-
         choice("decay_type", DECAY_TYPES)
         choice("decay_granularity", DECAY_GRANULARITIES)
         choice("positional_encoding", POSITIONAL_ENCODINGS)
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "chunk_size"):
-            positive_int(field)
-        for field in ("decay_low_rank_dim", "output_gate_low_rank_dim"):
-            positive_int(field)
-        positive_int("short_conv_size", minimum=0)
         if self.short_conv_size == 1:
             raise ValueError(
                 "`short_conv_size=1` is a per-channel scale, not a shift over previous tokens: use 0 (off) or >= 2."
@@ -265,22 +315,14 @@ class DecayLinearAttnConfig(PreTrainedConfig):
                 f"`hgrn2_lower_bound=True` is HGRN2's depth-dependent lower bound and needs `decay_type='hgrn2'`, "
                 f"got {self.decay_type!r}."
             )
-        p = self.simple_decay_init
-        if not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+        if not self.mamba2_a_init_min <= self.mamba2_a_init_max:
             raise ValueError(
-                f"`simple_decay_init` is the initial median decay and must be in (0, 1), got {p!r}."
-            )
-        if not self.gla_gate_normalizer > 0:
-            raise ValueError(f"`gla_gate_normalizer` must be > 0, got {self.gla_gate_normalizer!r}.")
-        if not 0 < self.mamba2_a_init_min <= self.mamba2_a_init_max:
-            raise ValueError(
-                f"`mamba2_a_init_min` / `mamba2_a_init_max` must satisfy 0 < min <= max, got "
+                f"`mamba2_a_init_min` / `mamba2_a_init_max` must satisfy min <= max, got "
                 f"{self.mamba2_a_init_min!r} / {self.mamba2_a_init_max!r}."
             )
-        if not 0 < self.mamba2_dt_min <= self.mamba2_dt_max or not self.mamba2_dt_init_floor > 0:
+        if not self.mamba2_dt_min <= self.mamba2_dt_max:
             raise ValueError(
-                f"`mamba2_dt_min` / `mamba2_dt_max` / `mamba2_dt_init_floor` must satisfy 0 < min <= max and "
-                f"floor > 0, got {self.mamba2_dt_min!r} / {self.mamba2_dt_max!r} / {self.mamba2_dt_init_floor!r}."
+                f"`mamba2_dt_min` / `mamba2_dt_max` / `mamba2_dt_init_floor` must satisfy min <= max, got {self.mamba2_dt_min!r} / {self.mamba2_dt_max!r} / {self.mamba2_dt_init_floor!r}."
             )
         bad = [
             i for i in self.attention_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers
@@ -305,10 +347,6 @@ class DecayLinearAttnConfig(PreTrainedConfig):
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
                 f"({self.num_key_value_heads}) for the softmax-attention layers."
             )
-        if not math.isfinite(float(self.initializer_range)) or self.initializer_range < 0:
-            raise ValueError(
-                f"`initializer_range` must be a finite number >= 0, got {self.initializer_range!r}."
-            )
 
     @property
     def key_dim(self) -> int:
@@ -324,4 +362,25 @@ class DecayLinearAttnConfig(PreTrainedConfig):
         return max(1, round(math.sqrt(n * num_layers / (n + 2))))
 
 
-__all__ = ["DecayLinearAttnConfig", "DECAY_TYPES", "DECAY_GRANULARITIES", "POSITIONAL_ENCODINGS"]
+def cache_state_indices(config: DecayLinearAttnConfig) -> dict[str, int]:
+    """The states each linear-attention layer keeps in its `LinearAttentionLayer` cache slot, by `state_idx`.
+
+    `"recurrent"` is always there: the recurrent state S (and, as the conv state of the same index, the short
+    convolution's last inputs). LightNet adds its running log-normaliser, TPE its own recurrent state (used in the first
+    linear-attention layer's slot only).
+    """
+    names = ["recurrent"]
+    if config.decay_type == "lightnet":
+        names.append("lightnet_normaliser")
+    if config.positional_encoding == "tpe":
+        names.append("tpe")
+    return {name: index for index, name in enumerate(names)}
+
+
+__all__ = [
+    "DecayLinearAttnConfig",
+    "cache_state_indices",
+    "DECAY_TYPES",
+    "DECAY_GRANULARITIES",
+    "POSITIONAL_ENCODINGS",
+]

@@ -25,14 +25,20 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mhc import MHCConfig
+from .hub_mixin import HubMixin
 from .hyper_connection import HyperConnection, StreamReadout, expand_streams, position_ids_skipping_padding
 from .mhc_ops import _StreamGradSink, hc_pre_mix, hc_res_post_mix
 
@@ -184,7 +190,7 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         hidden_streams: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
@@ -202,7 +208,7 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
             hidden_states=attn_input,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -250,7 +256,7 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         return streams
 
 
-class MHCPreTrainedModel(PreTrainedModel):
+class MHCPreTrainedModel(HubMixin, PreTrainedModel):
     """Weight initialisation and the shared class attributes of the MHC models."""
 
     config_class = MHCConfig
@@ -258,12 +264,14 @@ class MHCPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MHCDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # Attention weights are recorded from the attention modules by `capture_outputs`; hidden states are not: a decoder
+    # layer outputs `n` streams, so `MHCModel` returns their readout per layer itself.
+    _can_record_outputs = {"attentions": LlamaAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -295,34 +303,43 @@ class MHCModel(MHCPreTrainedModel):
 
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch, seq]`): token ids (or pass `inputs_embeds`).
+            attention_mask (`torch.Tensor` of shape `[batch, past + seq]`, *optional*): 1 for tokens, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `[batch, seq]`, *optional*): RoPE positions; by default they skip
+                left padding and continue from the cache.
+            cache (`Cache`, *optional*): the key/value cache of earlier tokens (`past_key_values` before 5.24).
+            use_cache (`bool`, *optional*): create and return a cache (defaults to `config.use_cache`).
+            output_hidden_states (`bool`, *optional*): also return the readout of the streams after every layer.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = position_ids_skipping_padding(
                 attention_mask, inputs_embeds.shape[1], past_seen_tokens, inputs_embeds.device
             )
@@ -331,7 +348,7 @@ class MHCModel(MHCPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -345,7 +362,7 @@ class MHCModel(MHCPreTrainedModel):
         layer_kwargs = dict(
             attention_mask=causal_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -373,7 +390,7 @@ class MHCModel(MHCPreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
         )
 
@@ -395,6 +412,10 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
     ```"""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # As `LlamaForCausalLM`: the decoder keeps Llama's plans (the hyper-connection coefficients are tiny and stay
+    # replicated); the head gathers its vocabulary shards.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MHCConfig):
         super().__init__(config)
@@ -404,12 +425,14 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
 
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -417,20 +440,26 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `[batch, seq]`, *optional*): targets for the language-modelling loss
+                (shifted inside; -100 is ignored). The other arguments are those of [`MHCModel`].
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute logits only for the last
+                `logits_to_keep` positions (0: all), or for the given indices.
+        """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
 
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:
@@ -442,8 +471,9 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
