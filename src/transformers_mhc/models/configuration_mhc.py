@@ -11,23 +11,173 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""MHC model configuration: a Llama configuration plus the hyper-connection fields."""
+"""MHC model configuration: a Llama configuration plus the hyper-connection fields.
 
-from __future__ import annotations
+Both configurations of the package (this one and `configuration_decay_linear_attn.py`) are strict dataclasses
+(`huggingface_hub.dataclasses.strict`, as transformers' own configs): every field is type-checked and range-checked
+when it is set, the cross-field rules run as `validate_*` class validators after `__init__`, and the same checks run
+when a `config.json` is loaded. The helpers below are shared by the two files, which travel together as remote code.
+"""
 
 import math
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, Union, get_args, get_origin
 
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import RopeParameters
 
 HYPER_CONNECTION_TYPES = ("mhc", "hc", "none")
 HC_READOUTS = ("mean", "sum", "learned")
 HC_CONVENTIONS = ("paper", "deepseek_v4")
 
+# Upper bounds far beyond any model trained so far, but low enough that a typo (`2**31` layers, `10**9` Sinkhorn
+# iterations) fails at once instead of hanging a build, a forward or allocating without bound.
+MAX_VOCAB_SIZE = 1 << 24
+MAX_HIDDEN_SIZE = 1 << 16
+MAX_INTERMEDIATE_SIZE = 1 << 20
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_POSITIONS = 1 << 24
+MAX_STREAMS = 64
+MAX_SINKHORN_ITERATIONS = 1000
+# Logits and gains beyond these saturate sigmoid/softmax anyway; larger ones can only overflow in low precision.
+MAX_LOGIT = 100.0
+MAX_GATE = 10.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Field validators (each receives a value that already has the annotated type)
+# --------------------------------------------------------------------------------------------------
+def integer_in(minimum: int, maximum: int) -> Callable[[Any], None]:
+    """Validator: an integer in `[minimum, maximum]` (`None` passes; the annotation decides if it is allowed)."""
+
+    def check(value: Any) -> None:
+        if value is None:
+            return
+        if value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}, got {value!r}.")
+        if value > maximum:
+            raise ValueError(
+                f"must be an integer <= {maximum} (a bound that keeps a typo from hanging or exhausting memory), "
+                f"got {value!r}."
+            )
+
+    return check
+
+
+def number_in(
+    minimum: float, maximum: float, exclude_minimum: bool = False, exclude_maximum: bool = False
+) -> Callable[[Any], None]:
+    """Validator: a finite number in the interval (closed unless excluded); `None` passes."""
+    interval = f"{'(' if exclude_minimum else '['}{minimum:g}, {maximum:g}{')' if exclude_maximum else ']'}"
+
+    def check(value: Any) -> None:
+        if value is None:
+            return
+        inside = (
+            math.isfinite(value)
+            and (value > minimum if exclude_minimum else value >= minimum)
+            and (value < maximum if exclude_maximum else value <= maximum)
+        )
+        if not inside:
+            raise ValueError(f"must be a finite number in {interval}, got {value!r}.")
+
+    return check
+
+
+def one_of(allowed: tuple[str, ...]) -> Callable[[Any], None]:
+    """Validator: one of the `allowed` strings."""
+
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"must be one of {list(allowed)}, got {value!r}.")
+
+    return check
+
+
+def activation(value: Any) -> None:
+    """Validator: the name of an activation in transformers' `ACT2FN`."""
+    if value not in ACT2FN:
+        raise ValueError(f"must be an activation of transformers' ACT2FN ({sorted(ACT2FN)}), got {value!r}.")
+
+
+def _describe_type(annotation: Any) -> str:
+    """`int | None` -> "an integer or None", for error messages."""
+    if get_origin(annotation) in (Union, type(int | None)):
+        return " or ".join(_describe_type(arg) for arg in get_args(annotation))
+    names = {int: "an integer", float: "a number", bool: "a bool (true/false)", str: "a string"}
+    if annotation is type(None):
+        return "None"
+    if get_origin(annotation) is list:
+        return f"a list of {_describe_type(get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _is_float_field(annotation: Any) -> bool:
+    return annotation is float or (
+        get_origin(annotation) in (Union, type(int | None)) and float in get_args(annotation)
+    )
+
+
+def strict_config(cls: type) -> type:
+    """`@strict` for a `PreTrainedConfig`, raising the plain `ValueError` / `TypeError` of the failing check.
+
+    The message names the field, the value and what is allowed. An integer given for a float field is stored as the
+    equal float (`hc_res_logit_gap=1` is `1.0`); a bool is never taken for a number.
+    """
+    cls = strict(cls)
+    strict_init, strict_setattr = cls.__init__, cls.__setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        field = type(self).__dataclass_fields__.get(name)
+        if field is not None and type(value) is int and _is_float_field(field.type):
+            value = float(value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            cause = error.__cause__
+            if isinstance(cause, TypeError):
+                message = (
+                    f"`{name}` must be {_describe_type(field.type)}, got {value!r} ({type(value).__name__})."
+                )
+                raise TypeError(message) from None
+            raise ValueError(f"`{name}` {cause}") from None
+
+    @wraps(strict_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassClassValidationError as error:
+            raise error.__cause__ from None
+
+    cls.__setattr__ = __setattr__
+    cls.__init__ = __init__
+    return cls
+
+
+def check_model_type(config_class: type, config_dict: dict[str, Any]) -> None:
+    """Refuses a `config.json` written for another architecture (hand-edited `model_type`, wrong class)."""
+    found = config_dict.get("model_type")
+    if found is not None and found != config_class.model_type:
+        architectures = config_dict.get("architectures") or []
+        saved_by = f" (saved by {', '.join(map(str, architectures))})" if architectures else ""
+        raise ValueError(
+            f"This config.json has `model_type`={found!r}{saved_by}, but {config_class.__name__} reads "
+            f"`model_type`={config_class.model_type!r}: load it with `AutoModelForCausalLM.from_pretrained` (which "
+            f"picks the class of {found!r}) or with that class, or fix `model_type` in config.json if it was edited."
+        )
+
 
 def validate_hyper_connection_fields(config) -> None:
-    """Checks the `hc_*` fields shared by every config that can run hyper-connections.
+    """Checks the rules between the `hc_*` fields shared by every config that can run hyper-connections.
 
-    Raises `ValueError` naming the field, the value and what is allowed.
+    Raises `ValueError` naming the fields, the values and what is allowed. (Each field's own type and range are
+    checked when it is set, see `MHCConfig`.)
     """
 
     def choice(field: str, allowed: tuple[str, ...]) -> None:
@@ -38,8 +188,13 @@ def validate_hyper_connection_fields(config) -> None:
     choice("hyper_connection", HYPER_CONNECTION_TYPES)
     choice("hc_readout", HC_READOUTS)
     choice("hc_convention", HC_CONVENTIONS)
-    if not isinstance(config.num_streams, int) or config.num_streams < 1:
-        raise ValueError(f"`num_streams` must be an integer >= 1, got {config.num_streams!r}.")
+    num_streams = config.num_streams
+    if (
+        isinstance(num_streams, bool)
+        or not isinstance(num_streams, int)
+        or not 1 <= num_streams <= MAX_STREAMS
+    ):
+        raise ValueError(f"`num_streams` must be an integer in [1, {MAX_STREAMS}], got {num_streams!r}.")
     if config.hyper_connection == "none" and config.num_streams != 1:
         raise ValueError(
             f"`hyper_connection='none'` is a plain residual with a single stream, so `num_streams` must be 1 "
@@ -52,26 +207,27 @@ def validate_hyper_connection_fields(config) -> None:
         )
     if config.hc_convention == "deepseek_v4" and not config.hc_dynamic:
         raise ValueError("`hc_convention='deepseek_v4'` is always dynamic: set `hc_dynamic=True`.")
-    if not isinstance(config.sinkhorn_iterations, int) or config.sinkhorn_iterations < 1:
-        raise ValueError(
-            f"`sinkhorn_iterations` must be an integer >= 1, got {config.sinkhorn_iterations!r}."
-        )
-    for field in ("hc_gate_init", "hc_res_logit_gap", "hc_symmetry_breaking", "hc_eps"):
-        value = getattr(config, field)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"`{field}` must be a finite number >= 0, got {value!r}.")
     if config.hc_symmetry_breaking >= 1:
         raise ValueError(
             f"`hc_symmetry_breaking` spreads `h_post` over (1 - s, 1 + s) and must be < 1 so that every "
             f"`h_post` stays in (0, 2), got {config.hc_symmetry_breaking!r}."
         )
-    interval = config.hc_recompute_interval
-    if interval is not None and (not isinstance(interval, int) or interval < 1):
+
+
+def validate_attention_heads(config) -> None:
+    """The Llama attention rules transformers' `LlamaConfig` leaves to the forward (where they fail as size errors)."""
+    if config.num_attention_heads % config.num_key_value_heads != 0:
         raise ValueError(
-            f"`hc_recompute_interval` must be None (automatic) or an integer >= 1, got {interval!r}."
+            f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of `num_key_value_heads` "
+            f"({config.num_key_value_heads}): each key/value head serves a whole group of query heads."
+        )
+    if config.head_dim % 2 != 0:
+        raise ValueError(
+            f"`head_dim` ({config.head_dim}) must be even: rotary embeddings rotate pairs of channels."
         )
 
 
+@strict_config
 class MHCConfig(LlamaConfig):
     r"""
     Configuration of an [`MHCModel`]: a Llama decoder whose residual stream is widened to `num_streams` streams
@@ -133,24 +289,54 @@ class MHCConfig(LlamaConfig):
 
     model_type = "mhc"
 
-    num_streams: int = 4
-    hyper_connection: str = "mhc"
-    sinkhorn_iterations: int = 20
-    hc_gate_init: float = 0.01
-    hc_dynamic: bool = True
-    hc_readout: str = "mean"
-    hc_convention: str = "paper"
-    hc_res_logit_gap: float = 4.0
-    hc_pre_bias_init: float | None = None
-    hc_post_bias_init: float = 0.0
-    hc_symmetry_breaking: float = 0.0
-    hc_eps: float = 1e-6
-    hc_recompute: bool = False
-    hc_recompute_interval: int | None = None
+    # Llama's fields with their Llama defaults, declared again only to add bounds.
+    vocab_size: int = validated_field(integer_in(1, MAX_VOCAB_SIZE), default=32000)
+    hidden_size: int = validated_field(integer_in(1, MAX_HIDDEN_SIZE), default=4096)
+    intermediate_size: int = validated_field(integer_in(1, MAX_INTERMEDIATE_SIZE), default=11008)
+    num_hidden_layers: int = validated_field(integer_in(1, MAX_LAYERS), default=32)
+    num_attention_heads: int = validated_field(integer_in(1, MAX_HEADS), default=32)
+    num_key_value_heads: int | None = validated_field(integer_in(1, MAX_HEADS), default=None)
+    head_dim: int | None = validated_field(integer_in(1, MAX_HEAD_DIM), default=None)
+    hidden_act: str = validated_field(activation, default="silu")
+    max_position_embeddings: int = validated_field(integer_in(1, MAX_POSITIONS), default=2048)
+    initializer_range: float = validated_field(number_in(0.0, 1.0), default=0.02)
+    rms_norm_eps: float = validated_field(number_in(0.0, 1.0, exclude_minimum=True), default=1e-6)
+    pretraining_tp: int | None = validated_field(integer_in(1, MAX_HEADS), default=1)
+    rope_parameters: RopeParameters | dict | None = None
+    attention_dropout: int | float | None = validated_field(number_in(0.0, 1.0), default=0.0)
 
-    def __post_init__(self, **kwargs):
+    num_streams: int = validated_field(integer_in(1, MAX_STREAMS), default=4)
+    hyper_connection: str = validated_field(one_of(HYPER_CONNECTION_TYPES), default="mhc")
+    sinkhorn_iterations: int = validated_field(integer_in(1, MAX_SINKHORN_ITERATIONS), default=20)
+    hc_gate_init: float = validated_field(number_in(0.0, MAX_GATE), default=0.01)
+    hc_dynamic: bool = True
+    hc_readout: str = validated_field(one_of(HC_READOUTS), default="mean")
+    hc_convention: str = validated_field(one_of(HC_CONVENTIONS), default="paper")
+    hc_res_logit_gap: float = validated_field(number_in(0.0, MAX_LOGIT), default=4.0)
+    hc_pre_bias_init: float | None = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=None)
+    hc_post_bias_init: float = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=0.0)
+    hc_symmetry_breaking: float = validated_field(number_in(0.0, 1.0, exclude_maximum=True), default=0.0)
+    hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
+    hc_recompute: bool = False
+    hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
+
+    def validate_architecture(self) -> None:
+        """Part of `@strict` validation: Llama's head rules, with the field names."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads}), as in `LlamaConfig`."
+            )
+        validate_attention_heads(self)
+
+    def validate_hyper_connections(self) -> None:
+        """Part of `@strict` validation: the rules between the `hc_*` fields."""
         validate_hyper_connection_fields(self)
-        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "MHCConfig":
+        check_model_type(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def recompute_interval(self) -> int:
@@ -161,4 +347,4 @@ class MHCConfig(LlamaConfig):
         return max(1, round(math.sqrt(n * num_layers / (n + 2))))
 
 
-__all__ = ["MHCConfig", "validate_hyper_connection_fields"]
+__all__ = ["MHCConfig", "strict_config", "validate_hyper_connection_fields"]
