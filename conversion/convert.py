@@ -33,8 +33,8 @@ import json
 import math
 import os
 import shutil
+import struct
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,11 +44,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedConfig
 from transformers.utils import logging as hf_logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from transformers_mhc import MHCConfig, MHCForCausalLM
 from transformers_mhc.data import load_text
-from transformers_mhc.hub import _complete_auto_map as complete_auto_map
-from transformers_mhc.hub import build_model_card, write_model_card
+from transformers_mhc.hub import build_model_card, complete_auto_map, write_model_card
+from transformers_mhc.models.configuration_mhc import MAX_LOGIT, MAX_STREAMS
+from transformers_mhc.outputs import OutputError, OutputFolder, check_output_path
 
 # model_type -> what a supported checkpoint is: all three are Llama blocks under the same weight names.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -197,9 +199,12 @@ def convert_llama_to_mhc(
 ) -> ConversionReport:
     """Converts a Llama, Mistral or Qwen2 causal LM into an `MHCForCausalLM` that reproduces it.
 
-    The new checkpoint is written into a temporary sibling folder of `output` and renamed into place only when it
-    is complete (weights, config with `auto_map`, remote code, tokenizer, generation config, model card and
-    `mhc_conversion.json`). SOURCE is only read.
+    Every argument, SOURCE's config and weight files and the writability of OUTPUT are checked before anything is
+    written. The conversion then owns OUTPUT for the whole run (a lock file beside it: a second conversion into the
+    same OUTPUT fails at once), writes the new checkpoint into `.<OUTPUT>.transformers-mhc/staging/` and moves it
+    into place only when it is complete (weights, config with `auto_map`, remote code, tokenizer, generation config,
+    model card and `mhc_conversion.json`); an old OUTPUT is replaced atomically where the OS allows it and is kept
+    until the new one is in place (see `transformers_mhc.outputs`). SOURCE is only read.
 
     Args:
         source (`str` or `os.PathLike`):
@@ -207,7 +212,7 @@ def convert_llama_to_mhc(
             when no such folder exists).
         output (`str` or `os.PathLike`):
             Folder to create. If it exists, the conversion refuses to run unless `overwrite=True`; then it is
-            replaced only after the new checkpoint is complete.
+            replaced only after the new checkpoint is complete. A symlink to a folder is replaced at its target.
         num_streams (`int`, *optional*, defaults to 4):
             Residual streams `n` of the converted model.
         hyper_connection (`str`, *optional*, defaults to `"mhc"`):
@@ -240,25 +245,20 @@ def convert_llama_to_mhc(
         [`ConversionReport`]: settings, parameter counts and measured exactness.
 
     Raises:
-        `ConversionError`: unsupported or malformed SOURCE (the message lists what is supported), invalid
-            arguments, or an existing OUTPUT without `overwrite`.
+        `ConversionError`: unsupported or malformed SOURCE (the message lists what is supported, or names the broken
+            file), invalid arguments, an OUTPUT that cannot be written, an existing OUTPUT without `overwrite`, or an
+            OUTPUT another conversion is writing.
     """
     start = time.perf_counter()
     target_dtype = _parse_dtype(dtype)
-    _check_arguments(num_streams, hyper_connection, res_logit_gap, symmetry_breaking, num_greedy_tokens)
-    output = Path(output).expanduser().absolute()
-    if output.exists() and not overwrite:
-        raise ConversionError(
-            f"OUTPUT {output} already exists; pass overwrite=True (`--overwrite`) to replace it."
-        )
-    if output.exists() and not output.is_dir():
-        raise ConversionError(
-            f"OUTPUT {output} exists and is not a folder; it cannot be replaced by a checkpoint."
-        )
+    _check_arguments(num_streams, hyper_connection, res_logit_gap, symmetry_breaking, num_greedy_tokens, seed)
+    max_shard_size = _parse_shard_size(max_shard_size)
+    output = _checked_output(output, overwrite)
 
     source_path = resolve_source(source, revision=revision)
     _check_not_nested(source_path, output)
     source_config = load_source_config(source_path)
+    check_weight_files(source_path)
     mhc_config, notes = mhc_config_from_source(
         source_config,
         num_streams=num_streams,
@@ -267,48 +267,56 @@ def convert_llama_to_mhc(
         symmetry_breaking=symmetry_breaking,
     )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.converting-{uuid.uuid4().hex[:8]}"
     try:
-        model, added_o_bias = _load_converted(
-            source_path, mhc_config, target_dtype, seed, added_o_proj_bias=source_config.model_type == "qwen2"
-        )
-        num_parameters = model.num_parameters()
-        report = ConversionReport(
-            source=str(source),
-            source_path=str(source_path),
-            output=str(output),
-            source_model_type=source_config.model_type,
-            num_streams=num_streams,
-            hyper_connection=hyper_connection,
-            res_logit_gap=float(mhc_config.hc_res_logit_gap),
-            symmetry_breaking=float(mhc_config.hc_symmetry_breaking),
-            dtype=str(model.dtype).removeprefix("torch."),
-            num_parameters_source=num_parameters - _count_new_parameters(model, added_o_bias),
-            num_parameters_converted=num_parameters,
-            notes=notes,
-        )
-        staging.mkdir()
-        with quiet_transformers():
-            model.save_pretrained(staging, max_shard_size=max_shard_size)
-        complete_auto_map(staging, model)  # also map `AutoModel`, whose class lives in the same code file
-        del model
-        for name in COPIED_FILES:
-            if (source_path / name).is_file():
-                shutil.copyfile(source_path / name, staging / name)  # content only: SOURCE may be read-only
-
-        if verify:
-            _measure_exactness(
-                report, source_path, staging, prompt=prompt, num_greedy_tokens=num_greedy_tokens
+        with OutputFolder(output, overwrite=overwrite) as folder:  # owns OUTPUT until the end of the run
+            notes.extend(folder.notes)
+            notes.extend(_legacy_leftovers(folder.path))
+            staging = folder.staging
+            model, added_o_bias = _load_converted(
+                source_path,
+                mhc_config,
+                target_dtype,
+                seed,
+                added_o_proj_bias=source_config.model_type == "qwen2",
             )
-        report.seconds = time.perf_counter() - start
-        _write_model_card(report, staging)
-        report.files = sorted([p.name for p in staging.iterdir()] + [REPORT_FILE])
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            _check_finite(model, source_path, added_o_bias)
+            num_parameters = model.num_parameters()
+            report = ConversionReport(
+                source=str(source),
+                source_path=str(source_path),
+                output=str(output),
+                source_model_type=source_config.model_type,
+                num_streams=num_streams,
+                hyper_connection=hyper_connection,
+                res_logit_gap=float(mhc_config.hc_res_logit_gap),
+                symmetry_breaking=float(mhc_config.hc_symmetry_breaking),
+                dtype=str(model.dtype).removeprefix("torch."),
+                num_parameters_source=num_parameters - _count_new_parameters(model, added_o_bias),
+                num_parameters_converted=num_parameters,
+                notes=notes,
+            )
+            with quiet_transformers():
+                model.save_pretrained(staging, max_shard_size=max_shard_size)
+            complete_auto_map(staging, model)  # also map `AutoModel`, whose class lives in the same code file
+            del model
+            for name in COPIED_FILES:
+                if (source_path / name).is_file():
+                    # content only: SOURCE may be read-only
+                    shutil.copyfile(source_path / name, staging / name)
+
+            if verify:
+                _measure_exactness(
+                    report, source_path, staging, prompt=prompt, num_greedy_tokens=num_greedy_tokens
+                )
+            report.seconds = time.perf_counter() - start
+            _write_model_card(report, staging)
+            report.files = sorted([p.name for p in staging.iterdir()] + [REPORT_FILE])
+            (staging / REPORT_FILE).write_text(
+                json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8"
+            )
+            folder.commit()
+    except OutputError as error:  # OUTPUT taken by another conversion, or appeared meanwhile
+        raise ConversionError(str(error)) from error
     report.seconds = time.perf_counter() - start
     return report
 
@@ -584,21 +592,6 @@ def _is_repo_name(name: str) -> bool:
     return True
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Renames the complete `staging` folder to `output`, replacing an old `output` only at the very end."""
-    if not output.exists():
-        staging.rename(output)
-        return
-    backup = output.parent / f".{output.name}.replaced-{uuid.uuid4().hex[:8]}"
-    output.rename(backup)
-    try:
-        staging.rename(output)
-    except BaseException:
-        backup.rename(output)  # put the old checkpoint back
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
@@ -619,20 +612,127 @@ def _check_arguments(
     res_logit_gap: float,
     symmetry_breaking: float,
     num_greedy_tokens: int,
+    seed: int,
 ) -> None:
     if hyper_connection not in HYPER_CONNECTIONS:
         raise ConversionError(
             f"hyper_connection must be one of {list(HYPER_CONNECTIONS)}, got {hyper_connection!r} (a plain residual "
             f"needs no conversion)."
         )
+    # The same bounds as the config fields these become (`num_streams`, `hc_res_logit_gap`).
     if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
         raise ConversionError(f"num_streams must be an integer >= 1, got {num_streams!r}.")
-    if not isinstance(res_logit_gap, (int, float)) or not math.isfinite(res_logit_gap) or res_logit_gap < 0:
+    if num_streams > MAX_STREAMS:
+        raise ConversionError(f"num_streams must be an integer <= {MAX_STREAMS}, got {num_streams!r}.")
+    if not _is_number(res_logit_gap) or res_logit_gap < 0:
         raise ConversionError(f"res_logit_gap must be a finite number >= 0, got {res_logit_gap!r}.")
-    if not isinstance(symmetry_breaking, (int, float)) or not 0 <= symmetry_breaking < 1:
+    if res_logit_gap > MAX_LOGIT:
+        raise ConversionError(
+            f"res_logit_gap must be <= {MAX_LOGIT:g} (h_res is the identity long before), got {res_logit_gap!r}."
+        )
+    if not _is_number(symmetry_breaking) or not 0 <= symmetry_breaking < 1:
         raise ConversionError(f"symmetry_breaking must be a number in [0, 1), got {symmetry_breaking!r}.")
-    if not isinstance(num_greedy_tokens, int) or num_greedy_tokens < 1:
+    if isinstance(num_greedy_tokens, bool) or not isinstance(num_greedy_tokens, int) or num_greedy_tokens < 1:
         raise ConversionError(f"num_greedy_tokens must be an integer >= 1, got {num_greedy_tokens!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConversionError(f"seed must be an integer in [0, 2**63), got {seed!r}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_shard_size(max_shard_size: int | str) -> int:
+    """`"5GB"`, `"500MB"`, `"2GiB"` or a byte count, checked before any weight is loaded."""
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError, AttributeError):
+        size = None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConversionError(
+            f"max_shard_size must be a positive size such as '5GB', '500MB', '2GiB' or a number of bytes, got "
+            f"{max_shard_size!r}."
+        )
+    return size
+
+
+def _checked_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    try:
+        return check_output_path(output, overwrite=overwrite)
+    except OutputError as error:
+        raise ConversionError(str(error)) from error
+
+
+def _legacy_leftovers(output: Path) -> list[str]:
+    """Staging/backup folders of conversions killed under earlier versions: reported, never deleted (not provably
+    ours)."""
+    found = sorted(
+        path.name
+        for pattern in (f".{output.name}.converting-*", f".{output.name}.replaced-*")
+        for path in output.parent.glob(pattern)
+    )
+    if not found:
+        return []
+    return [
+        f"{output.parent} holds folders left by conversions interrupted under an earlier version ({', '.join(found)}); "
+        "delete them if you do not need them."
+    ]
+
+
+def check_weight_files(source_path: Path) -> None:
+    """Checks that every safetensors file of SOURCE is complete (header and data), and that a sharded checkpoint's
+    index names files that exist, before anything is loaded. Raises `ConversionError` naming the broken file."""
+    index_file = source_path / "model.safetensors.index.json"
+    files = sorted(source_path.glob("*.safetensors"))
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ConversionError(
+                f"{index_file} is not a valid safetensors index ({type(error).__name__}: {error}); re-download or "
+                f"re-save SOURCE."
+            ) from error
+        missing = [name for name in shards if not (source_path / name).is_file()]
+        if missing:
+            raise ConversionError(
+                f"{index_file} lists shards that are missing from {source_path}: {', '.join(missing)}; re-download or "
+                f"re-save SOURCE."
+            )
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                (header_size,) = struct.unpack("<Q", handle.read(8))
+                if header_size > size - 8:
+                    raise ValueError(f"its header claims {header_size} bytes")
+                header = json.loads(handle.read(header_size))
+            end = max(
+                (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                default=0,
+            )
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ConversionError(
+                f"SOURCE weight file {file} is not a valid safetensors file ({error}); re-download or re-save "
+                f"SOURCE."
+            ) from error
+        if 8 + header_size + end > size:
+            raise ConversionError(
+                f"SOURCE weight file {file} is truncated: {size} bytes, its header needs {8 + header_size + end}; "
+                f"re-download or re-save SOURCE."
+            )
+
+
+def _check_finite(model: MHCForCausalLM, source_path: Path, added_o_bias: bool) -> None:
+    """NaN or infinite weights copied from SOURCE would only surface later (in the exactness check, the card)."""
+    with torch.no_grad():
+        bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise ConversionError(
+            f"SOURCE {source_path} has NaN or infinite weights ({shown}); the checkpoint is damaged: re-download or "
+            f"re-save it."
+        )
 
 
 def _check_not_nested(source: Path, output: Path) -> None:

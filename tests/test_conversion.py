@@ -83,8 +83,8 @@ def hash_tree(folder: Path) -> dict[str, str]:
 
 
 def leftovers(parent: Path) -> list[str]:
-    """Temporary folders a conversion may leave next to OUTPUT."""
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+    """Temporary folders a conversion may leave next to OUTPUT (the zero-byte lock file is meant to stay)."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
 
 
 @torch.no_grad()
