@@ -69,6 +69,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForC
 from transformers.cache_utils import DynamicCache
 
 from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM
+from transformers_mhc.outputs import fresh_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -383,6 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--mamba-expand", type=int, default=None, help="Mamba2 expand (default 4: matched params)"
     )
     parser.add_argument("--sections", default="train,forward,decode,memory")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing result file (default: write beside it as NAME-2.json, ...)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -418,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["memory"] = bench_memory(models, p)
     result["wall_seconds"] = time.perf_counter() - t0
 
+    args.out = fresh_path(args.out, overwrite=args.overwrite, companions=(".png",))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     if all(s in result for s in ("train", "forward", "memory")):

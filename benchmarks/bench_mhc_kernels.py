@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from transformers_mhc.outputs import fresh_path
+
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_mhc_kernels.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -196,7 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--sinkhorn-iterations", type=int, default=20)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing result file (default: write beside it as NAME-2.json, ...)",
+    )
     args = parser.parse_args(argv)
+    args.output = fresh_path(args.output, overwrite=args.overwrite)
 
     config = {
         "tokens": args.tokens,

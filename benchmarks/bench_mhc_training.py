@@ -71,6 +71,7 @@ from transformers.masking_utils import create_causal_mask
 
 from transformers_mhc import MHCConfig, MHCForCausalLM
 from transformers_mhc.models.mhc_ops import sinkhorn_knopp
+from transformers_mhc.outputs import fresh_path
 
 NUM_STREAMS = 4
 NUM_LAYERS = 4
@@ -524,6 +525,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sinkhorn-iterations", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/mhc_training.json"))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing result file (default: write beside it as NAME-2.json, ...)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run (hidden 64, seq 32, 2 reps, 1 thread)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -572,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sinkhorn_memory": sinkhorn,
         "wall_time_s": time.time() - started,
     }
+    args.output = fresh_path(args.output, overwrite=args.overwrite, companions=(".png",))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(

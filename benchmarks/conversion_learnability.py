@@ -52,6 +52,7 @@ import transformers_mhc
 from transformers_mhc.conversion import convert_llama_to_mhc
 from transformers_mhc.models.hyper_connection import HyperConnection
 from transformers_mhc.models.modeling_mhc import MHCDecoderLayer
+from transformers_mhc.outputs import fresh_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRANSFORMERS_MHC_SHARED", REPO_ROOT.parent / "shared"))
@@ -249,6 +250,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1: tiny model, shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "conversion_learnability.json")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing result file (default: write beside it as NAME-2.json, ...)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for mode, runs in results["runs"].items()
     }
+    args.output = fresh_path(args.output, overwrite=args.overwrite, companions=(".png",))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     plot(results, args.output.with_suffix(".png"))

@@ -19,8 +19,10 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         help=f"retrofit a pretrained Llama-style checkpoint ({supported}) with hyper-connections",
         description=(
             "Convert a Llama, Mistral or Qwen2 causal LM into an MHC model that computes the same function: the "
-            "weights are copied unchanged and the hyper-connections start at the identity. OUTPUT is written into a "
-            "temporary sibling folder and renamed into place when complete; SOURCE is never modified. The exactness "
+            "weights are copied unchanged and the hyper-connections start at the identity. Every argument is checked "
+            "before anything is written. OUTPUT is owned by one conversion at a time (the lock file "
+            ".OUTPUT.transformers-mhc.lock), written into .OUTPUT.transformers-mhc/ and moved into place when "
+            "complete; an old OUTPUT is replaced only then, and only with --overwrite. SOURCE is never modified. The exactness "
             "(max abs logit difference, greedy continuation agreement) is measured and written into the model card "
             "and OUTPUT/mhc_conversion.json."
         ),
@@ -36,7 +38,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of the converted weights (default: SOURCE's)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUTPUT if it exists (once complete)"
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it exists, once the new one is complete (a symlink: the folder it points to)",
     )
     parser.add_argument(
         "--res-logit-gap",
@@ -81,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
             revision=args.revision,
         )
     except ConversionError as error:
+        if getattr(args, "debug", False):
+            raise
         print(f"transformers-mhc convert: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())

@@ -61,16 +61,26 @@ def test_quickstart_keeps_an_output_it_did_not_write(tmp_path, capsys):
     assert (output / "notes.txt").read_text() == "do not delete"
 
 
-def test_prepare_output_replaces_only_its_own_folder(tmp_path):
+def test_only_its_own_output_is_replaced_without_overwrite(tmp_path):
     ours = tmp_path / "ours"
-    ours.mkdir()
+    (ours / "converted").mkdir(parents=True)
     (ours / quickstart.REPORT_FILE).write_text("{}")
-    (ours / "old.bin").write_text("x")
-    quickstart._prepare_output(ours, overwrite=False, model=None)
-    assert ours.is_dir() and not any(ours.iterdir())
+    assert quickstart._is_own_output(ours)
+    (ours / "old.bin").write_text("x")  # anything the quickstart does not write makes the folder the user's
+    assert not quickstart._is_own_output(ours)
+    (ours / "old.bin").unlink()
+    (ours / quickstart.REPORT_FILE).unlink()  # no report: not a finished quickstart run
+    assert not quickstart._is_own_output(ours)
+
+
+def test_model_inside_output_is_refused_before_anything_is_written(tmp_path):
+    output = tmp_path / "qs"
+    model = quickstart.build_tiny_llama(output / "llama")
+    (output / quickstart.REPORT_FILE).write_text("{}")
+    before = sorted(p.name for p in output.rglob("*"))
     with pytest.raises(ValueError, match="inside --output"):
-        (ours / quickstart.REPORT_FILE).write_text("{}")
-        quickstart._prepare_output(ours, overwrite=True, model=ours / "llama")
+        quickstart.run_quickstart(model=model, output=output, overwrite=True, steps=1)
+    assert sorted(p.name for p in output.rglob("*")) == before
 
 
 def test_bad_steps_are_refused(tmp_path):

@@ -278,6 +278,26 @@ class OutputFolder:
         shutil.rmtree(self.work)
 
 
+def fresh_path(path: str | os.PathLike, overwrite: bool = False, companions: tuple[str, ...] = ()) -> Path:
+    """Where a result file may be written without replacing an existing one.
+
+    `path` itself when neither it nor a companion written beside it (same stem, each suffix in `companions`, e.g.
+    the `.png` plot of a `.json`) exists, or when `overwrite`; otherwise the first free `<stem>-<n><suffix>`.
+    Benchmarks use it so that a run never replaces the committed results the README quotes unless told to.
+    """
+    path = Path(path)
+
+    def taken(candidate: Path) -> bool:
+        return any(candidate.with_suffix(suffix).exists() for suffix in (candidate.suffix, *companions))
+
+    if overwrite or not taken(path):
+        return path
+    number = 2
+    while taken(candidate := path.with_name(f"{path.stem}-{number}{path.suffix}")):
+        number += 1
+    return candidate
+
+
 def _renameat2(source: Path, target: Path, flags: int) -> bool:
     """`renameat2(2)`; False where the OS or the file system does not support it (the caller falls back)."""
     if not sys.platform.startswith("linux"):
@@ -294,4 +314,4 @@ def _renameat2(source: Path, target: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(source), None, str(target))
 
 
-__all__ = ["OutputError", "OutputFolder", "check_output_path", "lock_path", "work_path"]
+__all__ = ["OutputError", "OutputFolder", "check_output_path", "fresh_path", "lock_path", "work_path"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,14 +28,27 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from transformers_mhc.conversion import ConversionError, convert_llama_to_mhc, fixed_batch, resolve_source
-from transformers_mhc.conversion.convert import quiet_transformers
+from transformers_mhc.conversion import (
+    ConversionError,
+    convert_llama_to_mhc,
+    fixed_batch,
+    load_source_config,
+    resolve_source,
+)
+from transformers_mhc.conversion.convert import check_weight_files, quiet_transformers
 
 from .data import load_text
 from .hub import build_model_card, save_for_hub
+from .models.configuration_mhc import MAX_STREAMS
 from .models.modeling_mhc import MHCForCausalLM
+from .outputs import LOCK_SUFFIX, WORK_SUFFIX, OutputError, OutputFolder
 
 REPORT_FILE = "quickstart_report.json"
+# Everything the quickstart writes into --output: a folder holding only these (and a report) is its own.
+OWN_ENTRIES = frozenset(
+    {"llama", "converted", "finetuned", REPORT_FILE, f".converted{LOCK_SUFFIX}", f".converted{WORK_SUFFIX}"}
+)
+MAX_STEPS = 100_000
 PROMPT = "Alice was beginning"
 # Checks of the report; the quickstart fails (exit code 1) when one does not hold.
 CONVERSION_TOLERANCE = 1e-4  # max |logit difference| of the fp32 conversion
@@ -280,21 +293,61 @@ def run_quickstart(
 
     Args:
         model: a Llama / Mistral / Qwen2 checkpoint folder or Hub id; by default a small random Llama is built.
-        output: folder for everything the quickstart writes (`llama/`, `converted/`, `finetuned/`, the report).
+        output: folder for everything the quickstart writes (`llama/`, `converted/`, `finetuned/`, the report). An
+            existing folder is replaced only if it holds nothing but a previous quickstart's output, or with
+            `overwrite`; the old folder is kept aside until the run has finished (see `transformers_mhc.outputs`).
         steps: fine-tuning steps on the built-in text.
         num_streams: residual streams of the converted model.
         lr: learning rate; defaults to 3e-3 for the random model and 1e-3 for a given checkpoint.
         seed: seed of the random model, the conversion and the batches.
-        overwrite: replace an existing `output` that was not written by the quickstart.
+        overwrite: replace an existing `output` even if it was not written by the quickstart.
         threads: intra-op threads; defaults to 1 for checkpoints under 80 MB (their matmuls are too small to gain
             from threads, and a busy CPU makes threads much slower), else torch's default.
         progress: show the fine-tuning progress bar.
         log: where the report lines go.
+
+    Every argument (and `model`, when given) is checked before anything is written; a bad one raises `ValueError`
+    (`ConversionError` for `model`) naming it.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
-    output = Path(output).expanduser().absolute()
-    _prepare_output(output, overwrite, model)
+    _check_arguments(steps=steps, num_streams=num_streams, lr=lr, seed=seed, threads=threads)
+    if model is not None:
+        try:
+            source_path = resolve_source(model)
+            load_source_config(source_path)
+            check_weight_files(source_path)
+        except ConversionError as error:
+            raise ConversionError(f"--model: {error}") from None
+    try:
+        folder = OutputFolder(
+            output,
+            overwrite=overwrite,
+            what="--output",
+            in_place=True,
+            is_complete=lambda path: (path / REPORT_FILE).is_file(),
+            may_replace=_is_own_output,
+        )
+    except OutputError as error:
+        raise ValueError(f"{error} (--overwrite replaces a folder the quickstart did not write)") from None
+    output = folder.path
+    if model is not None and (source_path.resolve() == output or output in source_path.resolve().parents):
+        raise ValueError(f"--model {model} is inside --output {output}, which the quickstart would replace.")
+    with folder:
+        report = _run_steps(folder.path, model, steps, num_streams, lr, seed, threads, progress, log)
+        folder.commit()
+    return report
+
+
+def _run_steps(
+    output: Path,
+    model: str | os.PathLike | None,
+    steps: int,
+    num_streams: int,
+    lr: float | None,
+    seed: int,
+    threads: int | None,
+    progress: bool,
+    log,
+) -> QuickstartReport:
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
 
@@ -419,19 +472,28 @@ def run_quickstart(
     return report
 
 
-def _prepare_output(output: Path, overwrite: bool, model: str | os.PathLike | None) -> None:
-    """Creates an empty `output`; replaces an existing one only if the quickstart wrote it, or with `overwrite`."""
-    if output.exists() and any(output.iterdir()):
-        if model is not None and Path(model).expanduser().absolute().is_relative_to(output):
-            raise ValueError(
-                f"--model {model} is inside --output {output}, which the quickstart would replace."
-            )
-        if not (overwrite or (output / REPORT_FILE).is_file()):
-            raise ValueError(
-                f"--output {output} exists and was not written by the quickstart; pass --overwrite to replace it."
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+def _check_arguments(steps: int, num_streams: int, lr: float | None, seed: int, threads: int | None) -> None:
+    def integer(name: str, value, minimum: int, maximum: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        if value > maximum:
+            raise ValueError(f"{name} must be an integer <= {maximum}, got {value!r}.")
+
+    integer("steps", steps, 1, MAX_STEPS)
+    integer("num_streams", num_streams, 1, MAX_STREAMS)
+    integer("seed", seed, 0, 2**63 - 1)
+    if threads is not None:
+        integer("threads", threads, 1, 4096)
+    if lr is not None and (
+        isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0
+    ):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
+
+
+def _is_own_output(path: Path) -> bool:
+    """A folder holding a previous quickstart's report and nothing the quickstart does not write."""
+    names = {child.name for child in path.iterdir()}
+    return not names or (REPORT_FILE in names and names <= OWN_ENTRIES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +543,8 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     except (ConversionError, ValueError) as error:
+        if getattr(args, "debug", False):
+            raise
         print(f"transformers-mhc quickstart: error: {error}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
