@@ -1,7 +1,8 @@
 """A small local stand-in for the Hugging Face Hub HTTP API, to test uploads with the real client.
 
 `FakeHub` serves, on 127.0.0.1 and a free port, exactly the endpoints `HfApi.create_repo` and
-`HfApi.upload_folder` call in huggingface_hub 1.x/2.x when Xet is disabled (`HF_HUB_DISABLE_XET=1`):
+`HfApi.upload_folder` call in huggingface_hub 1.x/2.x when Xet is disabled (`HF_HUB_DISABLE_XET=1`), and file
+downloads:
 
 | request | used by |
 |---|---|
@@ -13,6 +14,7 @@
 | `PUT /lfs-upload/{oid}` | basic LFS transfer (the bytes; checked against the sha256 oid and size) |
 | `POST /lfs-verify/{oid}` | LFS verify step |
 | `POST /api/models/{repo}/commit/{revision}` | the ndjson commit: inline base64 files and LFS pointers |
+| `HEAD`/`GET /{repo}/resolve/{revision}/{path}` | `hf_hub_download` (e.g. `ModelCard.load`): metadata, then the bytes |
 
 Like the Hub, files matching the default `.gitattributes` LFS patterns (`*.safetensors`, `*.bin`, ...) or of
 10 MB and more go through LFS; the others are sent inline (base64) in the commit. README.md metadata is
@@ -294,6 +296,20 @@ class FakeHub:
             siblings = [{"rfilename": path} for path in sorted(repo["files"])]
         return 200, {"id": repo_id, "sha": sha, "private": repo["private"], "siblings": siblings}
 
+    def resolve(self, repo_id: str, revision: str, path: str, authorization: str | None) -> tuple[bytes, str]:
+        """(content, commit oid) of a file, or the errors `hf_hub_download` turns into EntryNotFound / ...."""
+        repo = self._repo(repo_id)
+        if repo["private"] and authorization != f"Bearer {self.token}":
+            raise HubError(404, f"Repository {repo_id} not found.", code="RepoNotFound")
+        if revision != "main":
+            raise HubError(404, f"Revision {revision!r} not found.", code="RevisionNotFound")
+        with self.lock:
+            content = repo["files"].get(path)
+            oid = repo["commits"][-1]["oid"] if repo["commits"] else None
+        if content is None:
+            raise HubError(404, f"Entry {path} not found in {repo_id}.", code="EntryNotFound")
+        return content, oid
+
     def validate_yaml(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         content = payload.get("content")
         if not isinstance(content, str):
@@ -423,6 +439,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<revision>[^/]+)$"), "commit"),
     ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
     ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$"), "lfs_upload"),
+    ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$"), "resolve"),
+    ("HEAD", re.compile(rf"^/{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$"), "resolve"),
     ("POST", re.compile(r"^/lfs-verify/(?P<oid>[0-9a-f]{64})$"), "lfs_verify"),
 ]
 _NEEDS_AUTH = {"create_repo", "preupload", "commit", "lfs_batch"}
@@ -452,6 +470,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._dispatch("PUT")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -493,6 +514,10 @@ class _Handler(BaseHTTPRequestHandler):
             name, args = route
             if name in _NEEDS_AUTH and authorization != f"Bearer {hub.token}":
                 raise HubError(401, "Invalid credentials in Authorization header")
+            if name == "resolve":
+                content, oid = hub.resolve(args["repo"], args["revision"], args["path"], authorization)
+                self._send_file(content, oid, with_body=method == "GET")
+                return
             if name == "lfs_upload":
                 status, answer = hub.lfs_upload(args["oid"], body)
             elif name == "commit":
@@ -517,6 +542,18 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as error:  # malformed JSON / payloads
             self._send(400, {"error": f"Bad request: {error}"}, f"Bad request: {error}")
 
+    def _send_file(self, content: bytes, oid: str | None, with_body: bool) -> None:
+        """A file of a repo with the headers `hf_hub_download` reads (commit, ETag, size); HEAD: no body."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(content)))
+        self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        if oid:
+            self.send_header("X-Repo-Commit", oid)
+        self.end_headers()
+        if with_body:
+            self.wfile.write(content)
+
     def _send(self, status: int, answer: dict[str, Any], message: str | None = None, code: str | None = None):
         data = json.dumps(answer).encode("utf-8")
         self.send_response(status)
@@ -527,4 +564,5 @@ class _Handler(BaseHTTPRequestHandler):
         if code:
             self.send_header("X-Error-Code", code)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(data)

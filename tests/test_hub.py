@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 from hub_server import FakeHub, split_card, validate_model_card_metadata
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
@@ -297,6 +297,9 @@ def local_hub(monkeypatch):
     """A FakeHub for in-process clients: `HfApi()` reads `constants.ENDPOINT` when it is created."""
     with FakeHub(token=TOKEN) as hub:
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        # Downloads build their URL from this template, made from HF_ENDPOINT at import.
+        template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         # No user-agent telemetry: it would fetch `/api/agent-harnesses` from the endpoint once per process.
@@ -525,6 +528,26 @@ def test_model_push_to_hub_uploads_our_card_and_the_full_auto_map(local_hub, mod
     [commit] = local_hub.repos[repo_id]["commits"]
     assert commit["summary"] == "First version" and commit["oid"] == info.oid
     assert local_hub.unexpected == []
+
+
+def test_model_push_to_hub_keeps_the_card_the_repo_has(local_hub):
+    repo_id = "tester/edited-mhc"
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo_id)
+    api.upload_file(
+        path_or_fileobj=b"---\nlicense: mit\n---\n\n# Edited on the Hub\n",
+        path_in_repo="README.md",
+        repo_id=repo_id,
+    )
+    tiny_model().push_to_hub(repo_id, token=TOKEN, tags=["my-tag"])
+    files = local_hub.files(repo_id)
+    metadata, body = split_card(files["README.md"].decode())
+    assert body.strip() == "# Edited on the Hub"  # as transformers' push_to_hub: the repo's card stays
+    assert metadata == {"license": "mit", "tags": ["my-tag"]}
+    assert json.loads(files["config.json"])["auto_map"] == AUTO_MAP
+    assert [commit["summary"] for commit in local_hub.repos[repo_id]["commits"]][
+        -1
+    ] == "Upload model with transformers-mhc"
 
 
 def test_save_pretrained_with_push_to_hub_uploads_our_card(local_hub, tmp_path):

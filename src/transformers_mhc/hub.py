@@ -40,7 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, constants
-from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 from transformers import PreTrainedModel
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -285,6 +291,21 @@ def _json_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
+def repo_card(
+    repo_id: str, *, token: str | bool | None = None, revision: str | None = None
+) -> ModelCard | None:
+    """The README.md card of the Hub repository `repo_id`, or None if it has none (or does not exist yet)."""
+    # A throw-away cache: the card is read once, and tests must not write into the user's cache.
+    with tempfile.TemporaryDirectory(prefix="transformers-mhc-card-") as cache_dir:
+        try:
+            path = HfApi(token=token).hf_hub_download(
+                repo_id, README_NAME, revision=revision, cache_dir=cache_dir
+            )
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        return ModelCard.load(path)
+
+
 def push_to_hub(
     model: PreTrainedModel,
     repo_id: str,
@@ -299,14 +320,17 @@ def push_to_hub(
     create_pr: bool = False,
     max_shard_size: int | str = "50GB",
     tags: list[str] | None = None,
+    keep_repo_card: bool = False,
 ) -> CommitInfo:
     """Uploads `model` (weights, config with `auto_map`, remote code), its tokenizer and card to the Hub.
 
-    This is what `model.push_to_hub(repo_id)` runs for our models. Everything is written by `save_for_hub` into a
-    temporary folder and uploaded in one commit by `push_folder`. The endpoint is `HF_ENDPOINT` (read when
-    `huggingface_hub` is imported); the token is `token`, else `HF_TOKEN` or the stored login. Without `card`,
-    one is built with `build_model_card(model, model_id=repo_id)`; a card rendered without `model_id` gets
-    `repo_id` filled into its loading snippet.
+    This is what `model.push_to_hub(repo_id)` runs for our models (with `keep_repo_card=True`). Everything is
+    written by `save_for_hub` into a temporary folder and uploaded in one commit by `push_folder`. The endpoint
+    is `HF_ENDPOINT` (read when `huggingface_hub` is imported); the token is `token`, else `HF_TOKEN` or the
+    stored login. The card is `card`; else, with `keep_repo_card`, the README.md the repository already has (as
+    transformers' `push_to_hub` does: a card edited on the Hub is not lost); else one built with
+    `build_model_card(model, model_id=repo_id)`. A card rendered without `model_id` gets `repo_id` filled into
+    its loading snippet; `tags` are added to its metadata.
 
     Returns:
         The `huggingface_hub.CommitInfo` of the upload commit.
@@ -320,6 +344,10 @@ def push_to_hub(
     _check_online(repo_id)
     validate_repo_id(repo_id)
     _check_model(model)
+    if card is None and keep_repo_card:
+        # Create first, as transformers does: an unreachable endpoint fails at once, not after download retries.
+        HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        card = repo_card(repo_id, token=token, revision=revision)
     if card is None:
         card = build_model_card(model, model_id=repo_id)
     with tempfile.TemporaryDirectory(prefix="transformers-mhc-push-") as folder:
@@ -494,6 +522,7 @@ __all__ = [
     "parse_eval_results",
     "push_folder",
     "push_to_hub",
+    "repo_card",
     "save_for_hub",
     "write_model_card",
 ]

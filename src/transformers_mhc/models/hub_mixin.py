@@ -21,8 +21,9 @@ card. `HubMixin`, placed before `PreTrainedModel` in the bases of each `*PreTrai
 - before saving, `config.auto_map` gets the whole family of the code file (config, base model, causal LM);
   transformers' `custom_object_save` keeps these entries and copies the code files as usual;
 - `save_pretrained` also writes the package's model card as `README.md` when the folder has none;
-- `push_to_hub` (and `save_pretrained(..., push_to_hub=True)`) upload with the package's card through
-  `transformers_mhc.hub.push_folder`, the path `transformers-mhc push` takes.
+- `push_to_hub` uploads through `transformers_mhc.hub` (the path `transformers-mhc push` takes), with the
+  package's card where the repository has none yet; `save_pretrained(..., push_to_hub=True)` uploads the
+  saved folder with its README.md.
 
 This file travels with checkpoints as remote code, so it needs nothing beyond transformers, and the package
 is imported inside `try:`. Where the package is not installed (a checkpoint loaded with `trust_remote_code`),
@@ -106,7 +107,8 @@ class HubMixin:
         are taken from the keyword arguments as transformers does. Without the package, it is transformers' own.
         """
         hub = _package_hub()
-        if self.is_remote_code():
+        # Like `custom_object_save`: code defined in `__main__` is not saved, so nothing to map.
+        if self.is_remote_code() and type(self).__module__ != "__main__":
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
                 **family_auto_map(type(self)),
@@ -142,11 +144,12 @@ class HubMixin:
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
     ) -> Any:
-        """`PreTrainedModel.push_to_hub`, uploading the package's model card (with `repo_id` in its snippet).
+        """`PreTrainedModel.push_to_hub`, with the package's model card where the repository has none.
 
-        Same arguments and return value (`CommitInfo`) as transformers'. The repository's README.md is replaced
-        by the card built from this model, plus `tags` and the model's tags. Without the package installed,
-        this is transformers' own method (complete `auto_map`, transformers' card).
+        Same arguments and return value (`CommitInfo`) as transformers'. As transformers does, a README.md the
+        repository already has is kept (with `tags` and the model's tags added); otherwise the card built from
+        this model is uploaded, with `repo_id` in its loading snippet, instead of transformers' placeholder.
+        Without the package installed, this is transformers' own method (complete `auto_map`, its card).
         """
         hub = _package_hub()
         if hub is None:
@@ -172,6 +175,7 @@ class HubMixin:
             create_pr=create_pr,
             max_shard_size=max_shard_size,
             tags=[*(self.model_tags or []), *(tags or [])],
+            keep_repo_card=True,
         )
 
 
