@@ -120,9 +120,6 @@ def complete_auto_map(folder: str | os.PathLike, model: PreTrainedModel | type[P
     os.replace(temporary, config_file)
 
 
-_complete_auto_map = complete_auto_map  # earlier name, imported by `transformers_mhc.conversion`
-
-
 def _folder_auto_map(folder: Path, config: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     """The complete `auto_map` for a saved folder and the code files it needs (all checked to be present).
 
