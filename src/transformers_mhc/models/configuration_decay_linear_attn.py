@@ -43,6 +43,7 @@ from .configuration_mhc import (
     strict_config,
     validate_attention_heads,
     validate_hyper_connection_fields,
+    validate_rope_and_padding,
 )
 
 DECAY_TYPES = (
@@ -270,6 +271,7 @@ class DecayLinearAttnConfig(PreTrainedConfig):
         """Part of `@strict` validation: the softmax-attention layers of a hybrid are Llama's."""
         if self.attention_layers:
             validate_attention_heads(self)
+        validate_rope_and_padding(self)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DecayLinearAttnConfig":

@@ -28,7 +28,7 @@ from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 HYPER_CONNECTION_TYPES = ("mhc", "hc", "none")
 HC_READOUTS = ("mean", "sum", "learned")
@@ -227,6 +227,38 @@ def validate_attention_heads(config) -> None:
         )
 
 
+def validate_rope_and_padding(config) -> None:
+    """What transformers only warns about but the model cannot build or run with: an unknown `rope_type`, a
+    non-finite or non-positive `rope_theta` / scaling `factor`, a `pad_token_id` outside the embedding."""
+    parameters = config.rope_parameters or {}
+    nested = all(isinstance(value, dict) or value is None for value in parameters.values()) and parameters
+    for per_layer in parameters.values() if nested else [parameters]:
+        if not per_layer:
+            continue
+        rope_type = per_layer.get("rope_type", per_layer.get("type", "default"))
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"`rope_parameters` has rope_type={rope_type!r}; allowed: {['default', *ROPE_INIT_FUNCTIONS]}."
+            )
+        for key in ("rope_theta", "factor"):
+            value = per_layer.get(key)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"`rope_parameters` has {key}={value!r}; it must be a finite number > 0.")
+    pad = config.pad_token_id
+    if pad is not None and not -config.vocab_size <= pad < config.vocab_size:
+        raise ValueError(
+            f"`pad_token_id` ({pad}) must be None or an index of the embedding, in [-{config.vocab_size}, "
+            f"{config.vocab_size}) (`vocab_size={config.vocab_size}`)."
+        )
+
+
 @strict_config
 class MHCConfig(LlamaConfig):
     r"""
@@ -320,6 +352,15 @@ class MHCConfig(LlamaConfig):
     hc_recompute: bool = False
     hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
 
+    def __post_init__(self, **kwargs):
+        # Checked before Llama derives `head_dim = hidden_size // num_attention_heads`, which could be 0.
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads}), as in `LlamaConfig`."
+            )
+        super().__post_init__(**kwargs)
+
     def validate_architecture(self) -> None:
         """Part of `@strict` validation: Llama's head rules, with the field names."""
         if self.hidden_size % self.num_attention_heads != 0:
@@ -328,6 +369,7 @@ class MHCConfig(LlamaConfig):
                 f"({self.num_attention_heads}), as in `LlamaConfig`."
             )
         validate_attention_heads(self)
+        validate_rope_and_padding(self)
 
     def validate_hyper_connections(self) -> None:
         """Part of `@strict` validation: the rules between the `hc_*` fields."""
