@@ -35,6 +35,8 @@ from _common import (
     write_json_atomic,
 )
 
+from transformers_mhc.outputs import fresh_path
+
 ALL_DECAY_TYPES = ("mamba2", "gla", "hgrn2", "lightnet", "tnl", "tnl_learnable", "simple")
 SCALAR_ONLY = ("tnl", "tnl_learnable")
 DEFAULT_P = (0.8, 0.9, 0.95, 0.99)
@@ -46,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_data_argument(parser)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing result files (default: write beside them as NAME-2.json, ...)",
+    )
     parser.add_argument("--decay-types", nargs="+", choices=ALL_DECAY_TYPES, default=list(ALL_DECAY_TYPES))
     parser.add_argument(
         "--granularities", nargs="+", choices=("scalar", "vector"), default=["scalar", "vector"]
@@ -294,19 +301,19 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
         "runs": [],
     }
-    out = args.out_dir
+    # The committed results the README quotes are replaced only with --overwrite.
+    json_path = fresh_path(args.out_dir / "decay.json", overwrite=args.overwrite, companions=(".md", ".png"))
+    md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
     start = time.perf_counter()
     for spec in run_specs(args):
         results["runs"].append(train_run(spec, args, corpus, val))
         results["seconds"] = time.perf_counter() - start
-        write_json_atomic(out / "decay.json", results)  # partial results survive an interrupted run
+        write_json_atomic(json_path, results)  # partial results survive an interrupted run
     table = markdown_table(results["runs"])
-    (out / "decay.md").write_text(table)
-    plot(results, out / "decay.png")
+    md_path.write_text(table)
+    plot(results, png_path)
     print(table)
-    print(
-        f"wrote {out / 'decay.json'}, {out / 'decay.md'} and {out / 'decay.png'} ({results['seconds']:.0f}s)"
-    )
+    print(f"wrote {json_path}, {md_path} and {png_path} ({results['seconds']:.0f}s)")
     return results
 
 

@@ -41,6 +41,7 @@ from _common import (
 )
 
 from transformers_mhc import MHCConfig, MHCForCausalLM, signal_gain
+from transformers_mhc.outputs import fresh_path
 
 VARIANTS = ("baseline", "hc", "mhc")
 
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_data_argument(parser)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing result files (default: write beside them as NAME-2.json, ...)",
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--layers", type=int, default=12, help="decoder layers (2 sub-layers each)")
     parser.add_argument("--hidden", type=int, default=64)
@@ -255,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
         "variants": {},
     }
-    json_path, png_path = args.out_dir / "stability.json", args.out_dir / "stability.png"
+    # The committed results the README quotes are replaced only with --overwrite.
+    json_path = fresh_path(args.out_dir / "stability.json", overwrite=args.overwrite, companions=(".png",))
+    png_path = json_path.with_suffix(".png")
     for variant in args.variants:
         results["variants"][variant] = train_variant(variant, args, corpus, probe, val)
         write_json_atomic(json_path, results)  # partial results survive an interrupted run

@@ -282,8 +282,14 @@ def test_benchmarks_do_not_replace_existing_results(tmp_path):
     (tmp_path / "plot.png").write_text("png")  # a companion plot also counts as taken
     assert fresh_path(tmp_path / "plot.json", companions=(".png",)) == tmp_path / "plot-2.json"
     assert fresh_path(result, overwrite=True) == result
-    for script in ("bench_mhc_training.py", "bench_decay_linear_attn.py", "conversion_learnability.py"):
-        text = (REPO / "benchmarks" / script).read_text()
+    for script in (
+        "benchmarks/bench_mhc_training.py",
+        "benchmarks/bench_decay_linear_attn.py",
+        "benchmarks/conversion_learnability.py",
+        "studies/stability.py",
+        "studies/decay.py",
+    ):
+        text = (REPO / script).read_text()
         assert "fresh_path(" in text and '"--overwrite"' in text, script
 
 
