@@ -312,19 +312,19 @@ def _matches_a_module(model: torch.nn.Module, pattern: str) -> bool:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_tensor_and_pipeline_parallel_plans_name_existing_modules(name):
     model = make(name)
-    assert model._tp_plan.get("lm_head") == "colwise_gather_output"
     assert model._pp_plan["lm_head"] == (["hidden_states"], ["logits"])
-    base_plan = model.config.base_model_tp_plan or {}
-    for pattern in base_plan:
-        assert _matches_a_module(model.model, pattern), (
-            f"base_model_tp_plan entry {pattern!r} names no module"
-        )
-    for pattern in model._tp_plan:
-        assert _matches_a_module(model, pattern), f"_tp_plan entry {pattern!r} names no module"
-    for pattern in model.config.base_model_pp_plan or {}:
-        assert _matches_a_module(model.model, pattern), (
-            f"base_model_pp_plan entry {pattern!r} names no module"
-        )
+    plans = {
+        "tp_plan": (model, model.tp_plan or {}),
+        "base_model_tp_plan": (model.model, model.config.base_model_tp_plan or {}),
+        "base_model_pp_plan": (model.model, model.config.base_model_pp_plan or {}),
+    }
+    for plan_name, (root, plan) in plans.items():
+        for pattern in plan:
+            assert _matches_a_module(root, pattern), f"{plan_name} entry {pattern!r} names no module"
+    # A tied head IS the embedding's weight: shard both or neither.
+    assert ("lm_head" in model.tp_plan) == ("model.embed_tokens" in model.tp_plan)
+    if name.startswith("mhc"):  # Llama's plan: sharded embedding, gathered head
+        assert model.tp_plan["lm_head"] == "colwise_gather_output"
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -372,12 +372,17 @@ def test_no_future_warning_from_forward_generate_or_train_step(name):
         model(ids, labels=ids).loss.backward()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name, old_name",
+    [(name, "past_key_values") for name in CONFIGS] + [(name, "cache_params") for name in DECAY_CONFIGS],
+)
 @torch.no_grad()
-def test_past_key_values_is_a_deprecated_alias_of_cache(name):
+def test_old_cache_names_are_deprecated_aliases_of_cache(name, old_name):
+    # transformers' own models: `past_key_values`, and `cache_params` for recurrent ones (Mamba), until 5.40.
     model = make(name)
     ids = prompt()
     cache = DynamicCache(config=model.config)
-    with pytest.warns(FutureWarning, match="past_key_values"):
-        old = model(ids, past_key_values=cache, use_cache=True)
+    with pytest.warns(FutureWarning, match=old_name):
+        old = model(ids, use_cache=True, **{old_name: cache})
     assert old.cache is cache
+    torch.testing.assert_close(old.logits, model(ids).logits)

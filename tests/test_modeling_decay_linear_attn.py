@@ -19,7 +19,7 @@ from transformers_mhc import (
     decay_statistics,
     signal_gain,
 )
-from transformers_mhc.models import modeling_decay_linear_attn as modeling
+from transformers_mhc.models import decay_linear_attention as mixer
 from transformers_mhc.models.configuration_decay_linear_attn import DECAY_TYPES, cache_state_indices
 from transformers_mhc.models.decay_ops import naive_decay_linear_attn, naive_delta_rule_decay
 from transformers_mhc.models.modeling_decay_linear_attn import DecayLinearAttention, tokens_seen
@@ -106,11 +106,11 @@ def op_outputs_and_grads(monkeypatch, layer, x, chunked: bool, lower_bound=None,
         return wrapped
 
     with monkeypatch.context() as patch:
-        plain, delta = modeling.chunk_decay_linear_attn, modeling.chunk_delta_rule_decay
+        plain, delta = mixer.chunk_decay_linear_attn, mixer.chunk_delta_rule_decay
         if not chunked:
             plain, delta = naive_decay_linear_attn, naive_delta_rule_decay
-        patch.setattr(modeling, "chunk_decay_linear_attn", recorder(plain))
-        patch.setattr(modeling, "chunk_delta_rule_decay", recorder(delta))
+        patch.setattr(mixer, "chunk_decay_linear_attn", recorder(plain))
+        patch.setattr(mixer, "chunk_delta_rule_decay", recorder(delta))
         layer.zero_grad()
         x = x.detach().clone().requires_grad_(True)
         layer(x, lower_bound=lower_bound, rope_angles=rope_angles)
@@ -170,7 +170,7 @@ def test_layer_variants_chunked_equals_naive(monkeypatch, kwargs):
     rope_angles = None
     if kwargs.get("positional_encoding") == "rope":
         # The model computes the RoPE angles once and hands them to every layer.
-        rope_angles = modeling.DecayLinearAttnCosineRope(config)(torch.arange(length)[None])
+        rope_angles = mixer.DecayLinearAttnCosineRope(config)(torch.arange(length)[None])
     check_layer_chunked_equals_naive(monkeypatch, config, length, lower_bound, rope_angles)
 
 
@@ -326,7 +326,7 @@ def test_tnl_decays_stay_below_one_in_every_layer():
         num_layers = 4
         model = DecayLinearAttnForCausalLM(tiny_config(num_hidden_layers=num_layers, **kwargs)).eval()
         stats = decay_statistics(model, torch.randint(3, VOCAB, (1, 8)))
-        slopes = modeling._alibi_slopes(2)
+        slopes = mixer._alibi_slopes(2)
         for layer_idx, s in stats["per_layer"].items():
             expected = torch.exp(-slopes * (1 - layer_idx / num_layers))
             assert s["max"] < 1.0

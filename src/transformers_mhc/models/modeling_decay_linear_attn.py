@@ -254,6 +254,7 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
         self.embed_tokens = value
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # the old name of recurrent models (Mamba)
     @capture_outputs
     def forward(
         self,
@@ -411,7 +412,8 @@ class DecayLinearAttnForCausalLM(DecayLinearAttnPreTrainedModel, GenerationMixin
     ```"""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
+    # No tensor-parallel plan yet (the fused short conv and the decay projections have no sharded form), so the tied
+    # head stays replicated like the embedding; pipeline stages hand the head the hidden states.
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: DecayLinearAttnConfig):
@@ -453,6 +455,7 @@ class DecayLinearAttnForCausalLM(DecayLinearAttnPreTrainedModel, GenerationMixin
         )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # the old name of recurrent models (Mamba)
     @can_return_tuple
     def forward(
         self,
