@@ -480,3 +480,33 @@ def test_push_to_an_unreachable_endpoint_is_one_line(tmp_path):
         timeout=300,
     )
     assert_one_error_line(result.returncode, result.stderr, "127.0.0.1:9")
+
+
+@pytest.mark.slow
+def test_kill_at_random_moments_never_loses_output_or_touches_source(tmp_path):
+    """`kill -9` at random moments of `convert --overwrite`: OUTPUT is always the old or the new checkpoint."""
+    import random
+
+    source = tiny_llama(tmp_path / "src")
+    source_tree = tree(source)
+    output = tmp_path / "out"
+    convert_llama_to_mhc(source, output, verify=False)
+    argv = [sys.executable, "-m", "transformers_mhc.cli", "convert", str(source), str(output), "--overwrite"]
+    started = time.monotonic()
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - started
+    rng = random.Random(0)
+    for _ in range(6):
+        process = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.1) * duration)
+        process.kill()
+        process.wait(timeout=60)
+        # renameat2(RENAME_EXCHANGE) swaps old and new in one step: a complete OUTPUT at every instant. (On a file
+        # system without it, a kill between the two renames leaves the old one aside, put back by the next run.)
+        if not output.exists():
+            assert (work_path(output) / "previous" / "mhc_conversion.json").is_file()
+            convert_llama_to_mhc(source, output, verify=False, overwrite=True)
+        assert (output / "config.json").is_file() and (output / "mhc_conversion.json").is_file()
+        assert tree(source) == source_tree
+    convert_llama_to_mhc(source, output, verify=False, overwrite=True)
+    assert hidden(tmp_path) == []
