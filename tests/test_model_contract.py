@@ -386,3 +386,15 @@ def test_old_cache_names_are_deprecated_aliases_of_cache(name, old_name):
         old = model(ids, use_cache=True, **{old_name: cache})
     assert old.cache is cache
     torch.testing.assert_close(old.logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "yarn"])
+def test_rope_scaling_acts_on_the_hybrids_attention_or_is_refused(rope_type):
+    scaling = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 4.0}
+    ids = prompt(batch=1, length=40)
+    plain, scaled = make("decay-hybrid-conv"), make("decay-hybrid-conv", rope_parameters=scaling)
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, scaled(ids).logits, atol=1e-5)
+    for name, extra in [("decay-linear", {}), ("decay-hybrid-conv", {"positional_encoding": "rope"})]:
+        with pytest.raises(ValueError, match="rope_type"):
+            make(name, rope_parameters=scaling, **extra)
