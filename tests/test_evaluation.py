@@ -1,4 +1,5 @@
-"""The downstream suite (`transformers-mhc eval` / `evaluate_model`) on local data.
+"""The downstream suite on local data: the task folder (`transformers-mhc eval-tasks`) and
+`transformers-mhc eval` / `evaluate_model` on top of it.
 
 The reference for "same scores as lm-eval" is built here independently: lm-eval's own task YAML,
 `include:`d by absolute path, with only the dataset fields pointed at the same local files.
@@ -11,6 +12,7 @@ import ast
 import csv
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -22,8 +24,9 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from transformers_mhc.evaluation import data, suite  # noqa: E402
+from transformers_mhc.evaluation import data, local_tasks, suite  # noqa: E402
 from transformers_mhc.evaluation.io_utils import write_atomic  # noqa: E402
+from transformers_mhc.evaluation.local_tasks import read_task_yaml, write_task_folder  # noqa: E402
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 BBH_TASK = "sports_understanding"  # short prompts: keeps the CoT requests cheap on CPU
@@ -44,52 +47,108 @@ def _redux_rows(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- no model needed
 
 
-def test_shipped_groups_list_every_builtin_task():
-    """BBH: all 27 tasks in both variants; MMLU: the 57 subjects under lm-eval's 4 categories."""
+def _folder_tasks(folder: Path) -> dict[str, dict]:
+    """The task and group YAMLs of a written folder, includes merged, by name."""
+    configs = (read_task_yaml(path) for path in folder.glob("*.yaml"))
+    return {cfg.get("group") or cfg["task"]: cfg for cfg in configs}
 
-    def load(path: Path) -> dict:
-        return yaml.load(path.read_text(), suite._IgnoreTagsLoader)
 
-    cot = load(suite.TASKS_DIR / "bbh" / "local_bbh_cot_fewshot.yaml")
-    direct = load(suite.TASKS_DIR / "bbh" / "local_bbh_fewshot.yaml")
-    builtin_cot = load(LM_EVAL_TASKS / "bbh" / "cot_fewshot" / "_bbh_cot_fewshot.yaml")["task"]
-    builtin_direct = load(LM_EVAL_TASKS / "bbh" / "fewshot" / "_bbh_fewshot.yaml")["task"]
+def _leaves(configs: dict[str, dict], name: str) -> list[str]:
+    cfg = configs[name]
+    return [leaf for member in cfg["task"] for leaf in _leaves(configs, member)] if "group" in cfg else [name]
+
+
+def test_catalogue_lists_every_builtin_task():
+    """BBH: all 27 tasks in both variants, in lm-eval's order; MMLU: the 57 subjects under lm-eval's 4
+    categories, read from lm-eval's own files."""
+    tasks, groups = local_tasks.catalogue()
+    builtin_cot = read_task_yaml(LM_EVAL_TASKS / "bbh" / "cot_fewshot" / "_bbh_cot_fewshot.yaml")["task"]
+    builtin_direct = read_task_yaml(LM_EVAL_TASKS / "bbh" / "fewshot" / "_bbh_fewshot.yaml")["task"]
     assert len(builtin_cot) == 27
-    assert suite._leaf_names(cot) == builtin_cot
-    assert suite._leaf_names(direct) == builtin_direct
-    for item in cot["task"] + direct["task"]:
-        subject = item["task"].removeprefix("bbh_cot_fewshot_").removeprefix("bbh_fewshot_")
-        assert item["dataset_kwargs"]["local_files"] == {"test": f"bbh/{subject}.json"}
+    assert [tasks[t].builtin for t in local_tasks.leaf_tasks("local_bbh_cot_fewshot")] == builtin_cot
+    assert [tasks[t].builtin for t in local_tasks.leaf_tasks("local_bbh_fewshot")] == builtin_direct
+    for name in local_tasks.leaf_tasks("local_bbh_cot_fewshot") + local_tasks.leaf_tasks("local_bbh_fewshot"):
+        subject = tasks[name].builtin.removeprefix("bbh_cot_fewshot_").removeprefix("bbh_fewshot_")
+        assert tasks[name].source == f"bbh/{subject}.json" and name == f"local_{tasks[name].builtin}"
 
-    mmlu = load(suite.TASKS_DIR / "mmlu_redux" / "local_mmlu_redux.yaml")
-    ours = {sub["group"]: set(suite._leaf_names(sub)) for sub in mmlu["task"]}
+    ours = {
+        category: {tasks[t].builtin for t in local_tasks.leaf_tasks(f"local_mmlu_redux_{category}")}
+        for category in local_tasks.MMLU_CATEGORIES
+    }
     builtin: dict[str, set[str]] = {}
     for path in (LM_EVAL_TASKS / "mmlu" / "default").glob("mmlu_*.yaml"):
-        cfg = load(path)
+        cfg = read_task_yaml(path)
         builtin.setdefault(cfg["tag"].removeprefix("mmlu_").removesuffix("_tasks"), set()).add(cfg["task"])
     assert ours == builtin
-    assert sum(map(len, ours.values())) == 57
-    gsm8k = load(suite.TASKS_DIR / "gsm8k" / "local_gsm8k_cot.yaml")
-    assert suite._leaf_names(gsm8k) == ["gsm8k_cot"]
+    assert len(local_tasks.leaf_tasks("local_mmlu_redux")) == 57
+    assert local_tasks.leaf_tasks("local_gsm8k_cot") == ["local_gsm8k_cot"]
+    assert tasks["local_gsm8k_cot"].builtin == "gsm8k_cot"
 
 
-def test_every_data_file_the_tasks_read_exists(data_dir):
-    manager = suite.get_task_manager()
-    configs, folder = suite.build_task_configs(
-        "bbh,bbh_direct,gsm8k,mmlu", data_dir=data_dir, task_manager=manager
+def test_written_folder_runs_lm_eval_tasks_on_every_local_file(data_dir, tmp_path):
+    """Each task includes lm-eval's own YAML of its built-in task and changes only where the data comes
+    from; every file it reads exists; groups list exactly the catalogue."""
+    folder = tmp_path / "tasks"
+    names = write_task_folder(folder, data_dir)
+    assert names == ["local_bbh_cot_fewshot", "local_bbh_fewshot", "local_mmlu_redux", "local_gsm8k_cot"]
+    configs = _folder_tasks(folder)
+    leaves = [leaf for name in names for leaf in _leaves(configs, name)]
+    assert len(leaves) == len(set(leaves)) == 27 + 27 + 57 + 1
+    for name in names:
+        assert _leaves(configs, name) == local_tasks.leaf_tasks(name)
+    manager = local_tasks.builtin_task_manager()
+    for leaf in leaves:
+        builtin = local_tasks.catalogue()[0][leaf].builtin
+        raw = yaml.safe_load((folder / f"{leaf}.yaml").read_text())
+        assert Path(raw["include"]) == Path(manager.task_index[builtin].yaml_path)
+        assert raw["tag"] is None  # not a member of lm-eval's own groups (e.g. `mmlu`)
+        ours, theirs = configs[leaf], read_task_yaml(raw["include"])
+        changed = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+        assert changed <= {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "fewshot_split"}
+        assert ours["dataset_path"] == "json" and ours["dataset_name"] is None
+        for path in ours["dataset_kwargs"]["data_files"].values():
+            assert Path(path).is_absolute() and Path(path).is_file(), path
+    assert configs["local_bbh_cot_fewshot_navigate"]["dataset_kwargs"] == {
+        "data_files": {"test": str(data_dir.resolve() / "bbh" / "navigate.json")},
+        "field": "examples",
+    }
+    assert configs["local_gsm8k_cot"]["dataset_kwargs"]["data_files"]["test"] == str(
+        data_dir.resolve() / "gsm8k" / "test.jsonl"
     )
-    assert folder == data_dir.resolve()
-    files = []
-    for config in configs:
-        for item in config["task"]:
-            for leaf in item["task"] if "group" in item else [item]:
-                kwargs = leaf["dataset_kwargs"]
-                assert kwargs["local_data_dir"] == str(folder)
-                files += kwargs.get("local_files", {}).values()
-                if "mmlu_redux_subject" in kwargs:
-                    files.append(f"mmlu_redux/mmlu_{kwargs['mmlu_redux_subject']}.csv")
-    assert len(files) == 27 + 27 + 1 + 57
-    assert [f for f in files if not (folder / f).is_file()] == []
+    assert configs["local_mmlu_redux"]["group_alias"] == "mmlu_redux"
+    assert configs["local_mmlu_redux_social_sciences"]["group_alias"] == "social sciences"
+    # Written only when complete: an existing folder is kept unless asked to replace it.
+    marker = folder / "local_gsm8k_cot.yaml"
+    before = marker.read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_task_folder(folder, data_dir, tasks="gsm8k")
+    assert marker.read_bytes() == before and len(list(folder.glob("*.yaml"))) == 112 + 7  # tasks + groups
+    assert write_task_folder(folder, data_dir, tasks="gsm8k", overwrite=True) == ["local_gsm8k_cot"]
+    assert sorted(p.name for p in folder.glob("*.yaml")) == ["local_gsm8k_cot.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks"]  # no staging folder left behind
+
+
+def test_lm_eval_loads_the_folder_with_its_public_task_manager(data_dir, tmp_path):
+    """TaskManager(include_path=...) indexes the folder alone (our tasks include lm-eval's files by
+    path) and builds the tasks offline from the local files."""
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "tasks"
+    write_task_folder(folder, data_dir, tasks="bbh_cot_fewshot_navigate,mmlu_anatomy,gsm8k")
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    assert set(manager.all_subtasks) == {
+        "local_bbh_cot_fewshot_navigate",
+        "local_mmlu_anatomy",
+        "local_gsm8k_cot",
+    }
+    loaded = manager.load(["local_bbh_cot_fewshot_navigate", "local_mmlu_anatomy"])
+    navigate = loaded["tasks"]["local_bbh_cot_fewshot_navigate"]
+    local_docs = json.loads((data_dir / "bbh" / "navigate.json").read_text())["examples"]
+    assert list(navigate.test_docs()) == local_docs
+    anatomy = loaded["tasks"]["local_mmlu_anatomy"]
+    assert [d["question"] for d in anatomy.test_docs()] == [
+        r["question"] for r in _redux_rows(data_dir / "mmlu_redux" / f"mmlu_{MMLU_SUBJECT}.csv")
+    ]
 
 
 def test_mmlu_redux_reader_handles_every_file_format(data_dir):
@@ -107,27 +166,18 @@ def test_mmlu_redux_reader_handles_every_file_format(data_dir):
             assert (doc["error_type"] == "ok") == (row["error_type"].strip().lower() == "ok")
 
 
-def test_skip_flagged_drops_exactly_the_disputed_questions(data_dir):
+def test_skip_flagged_drops_exactly_the_disputed_questions(data_dir, tmp_path):
     path = data_dir / "mmlu_redux" / "mmlu_virology.csv"  # the subject with the most flagged rows
     ok = [row["question"] for row in _redux_rows(path) if row["error_type"].strip().lower() == "ok"]
-    kept = data.load_mmlu_redux(
-        mmlu_redux_subject="virology", data_dir=str(data_dir), mmlu_redux_skip_flagged=True
-    )
-    everything = data.load_mmlu_redux(mmlu_redux_subject="virology", data_dir=str(data_dir))
-    assert kept["test"]["question"] == ok
-    assert len(everything["test"]) == 100 > len(ok)
-    # The lm_eval --metadata spelling is honoured too, and the per-run setting wins over it.
-    via_metadata = data.load_mmlu_redux(
-        mmlu_redux_subject="virology", data_dir=str(data_dir), skip_flagged_mmlu=True
-    )
-    assert len(via_metadata["test"]) == len(ok)
-    overridden = data.load_mmlu_redux(
-        mmlu_redux_subject="virology",
-        data_dir=str(data_dir),
-        skip_flagged_mmlu=True,
-        mmlu_redux_skip_flagged=False,
-    )
-    assert len(overridden["test"]) == 100
+
+    def questions(skip: bool) -> list[str]:
+        folder = tmp_path / f"skip_{skip}"
+        write_task_folder(folder, data_dir, tasks="mmlu_virology", skip_flagged_mmlu=skip)
+        (converted,) = _folder_tasks(folder)["local_mmlu_virology"]["dataset_kwargs"]["data_files"].values()
+        return [json.loads(line)["question"] for line in Path(converted).read_text().splitlines()]
+
+    assert questions(skip=True) == ok
+    assert len(questions(skip=False)) == 100 > len(ok)
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch):
@@ -140,12 +190,16 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(data.DataDirError, match="is not a folder"):
         data.resolve_data_dir(tmp_path / "nowhere")
     with pytest.raises(data.DataDirError, match="--data-dir"):
-        suite.build_task_configs("mmlu", task_manager=suite.get_task_manager())
+        write_task_folder(tmp_path / "tasks", tasks="mmlu")
+    assert not (tmp_path / "tasks").exists()
     # Tasks given their own files need no data folder.
-    configs, folder = suite.build_task_configs(
-        "piqa", data_files={"piqa": tmp_path / "piqa.jsonl"}, task_manager=suite.get_task_manager()
-    )
-    assert folder is None and configs[0]["task"][0]["task"] == "piqa"
+    piqa = tmp_path / "piqa.jsonl"
+    piqa.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n")
+    assert write_task_folder(tmp_path / "tasks", tasks="piqa", data_files={"piqa": piqa}) == ["local_piqa"]
+    config = read_task_yaml(tmp_path / "tasks" / "local_piqa.yaml")
+    assert config["dataset_kwargs"] == {"data_files": {"validation": str(piqa)}}
+    with pytest.raises(data.DataDirError, match="file not found"):
+        write_task_folder(tmp_path / "other", tasks="piqa", data_files={"piqa": tmp_path / "nowhere.jsonl"})
     # The environment variable and ../shared/data next to the working directory are found.
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "work").mkdir()
@@ -155,33 +209,78 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch):
     assert data.resolve_data_dir() == tmp_path.resolve()
 
 
-def test_task_names_resolve_and_bad_ones_are_explained(data_dir):
-    manager = suite.get_task_manager()
-    configs, _ = suite.build_task_configs(
-        ["mmlu_anatomy", "bbh_cot_fewshot_navigate", "mmlu_virology", "gsm8k"],
-        data_dir=data_dir,
-        task_manager=manager,
-    )
-    assert [c["group"] for c in configs] == ["local_bbh_cot_fewshot", "local_gsm8k_cot", "local_mmlu_redux"]
-    assert suite._leaf_names(configs[0]) == ["bbh_cot_fewshot_navigate"]
-    assert suite._leaf_names(configs[2]) == ["mmlu_anatomy", "mmlu_virology"]
-    assert [sub["group"] for sub in configs[2]["task"]] == ["stem", "other"]  # emptied categories dropped
+def test_task_names_resolve_and_bad_ones_are_explained(data_dir, tmp_path):
+    resolve = local_tasks.resolve_tasks
+    assert resolve(["mmlu_anatomy", "bbh_cot_fewshot_navigate", "mmlu_virology", "gsm8k"]) == [
+        "local_mmlu_anatomy",
+        "local_bbh_cot_fewshot_navigate",
+        "local_mmlu_virology",
+        "local_gsm8k_cot",
+    ]
+    assert resolve("bbh, bbh_direct,mmlu_redux,gsm8k_cot,local_mmlu_anatomy") == [
+        "local_bbh_cot_fewshot",
+        "local_bbh_fewshot",
+        "local_mmlu_redux",
+        "local_gsm8k_cot",
+    ]
+    # A task or subgroup already inside a requested group is not run twice (lm-eval would refuse).
+    assert resolve("mmlu_anatomy,local_mmlu_redux_stem,mmlu,bbh,bbh_cot") == [
+        "local_mmlu_redux",
+        "local_bbh_cot_fewshot",
+    ]
+    assert resolve("hellaswag,mmlu", data_files=["hellaswag"]) == ["local_hellaswag", "local_mmlu_redux"]
+    for names, files in (
+        (["local_bbh_fewshot", "local_mmlu_anatomy"], []),
+        (["local_hellaswag"], ["hellaswag"]),
+    ):
+        assert resolve(names, data_files=files) == names  # resolved names stay as they are
     with pytest.raises(ValueError, match="unknown task 'hellaswag'.*--data-file hellaswag=PATH"):
-        suite.build_task_configs("hellaswag", data_dir=data_dir, task_manager=manager)
+        resolve("hellaswag")
+    with pytest.raises(ValueError, match="no tasks"):
+        resolve(" , ")
     with pytest.raises(ValueError, match="not listed in --tasks"):
-        suite.build_task_configs(
-            "mmlu", data_dir=data_dir, data_files={"piqa": "x.jsonl"}, task_manager=manager
-        )
+        write_task_folder(tmp_path / "a", data_dir, tasks="mmlu", data_files={"piqa": "x.jsonl"})
     with pytest.raises(ValueError, match="a group or tag"):
-        suite.build_task_configs(
-            "mmlu", data_dir=data_dir, data_files={"mmlu": "x.csv"}, task_manager=manager
-        )
+        write_task_folder(tmp_path / "b", data_dir, tasks="mmlu", data_files={"mmlu": "x.csv"})
+    with pytest.raises(ValueError, match="not an lm-eval task"):
+        write_task_folder(tmp_path / "c", data_dir, tasks="nonsense", data_files={"nonsense": "x.csv"})
     with pytest.raises(ValueError, match="evaluation split 'validation'"):
-        suite.build_task_configs("piqa", data_files={"piqa": {"train": "x.jsonl"}}, task_manager=manager)
-    assert suite.parse_data_file("hellaswag=/d/h.jsonl") == ("hellaswag", None, "/d/h.jsonl")
-    assert suite.parse_data_file("triviaqa:train=t.json") == ("triviaqa", "train", "t.json")
+        write_task_folder(tmp_path / "d", tasks="piqa", data_files={"piqa": {"train": "x.jsonl"}})
+    assert not any(tmp_path.iterdir())  # nothing written on failure
+    assert local_tasks.parse_data_file("hellaswag=/d/h.jsonl") == ("hellaswag", None, "/d/h.jsonl")
+    assert local_tasks.parse_data_file("triviaqa:train=t.json") == ("triviaqa", "train", "t.json")
     with pytest.raises(ValueError, match="TASK=PATH"):
-        suite.parse_data_file("hellaswag")
+        local_tasks.parse_data_file("hellaswag")
+
+
+def test_eval_tasks_command_writes_the_folder_and_keeps_an_existing_one(data_dir, tmp_path, capsys):
+    output = tmp_path / "tasks"
+    argv = [
+        "eval-tasks",
+        "--data-dir",
+        str(data_dir),
+        "--output",
+        str(output),
+        "--tasks",
+        "mmlu_anatomy,gsm8k",
+    ]
+    args = _eval_parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert sorted(p.name for p in output.glob("*.yaml")) == [
+        "local_gsm8k_cot.yaml",
+        "local_mmlu_anatomy.yaml",
+    ]
+    assert f"--include_path {output} --tasks local_mmlu_anatomy,local_gsm8k_cot" in capsys.readouterr().out
+    again = _eval_parser().parse_args([*argv[:-1], "bbh"])
+    assert again.func(again) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in output.glob("*.yaml")) == [
+        "local_gsm8k_cot.yaml",
+        "local_mmlu_anatomy.yaml",
+    ]
+    bad = _eval_parser().parse_args(["eval-tasks", "--output", str(tmp_path / "x"), "--tasks", "nonsense"])
+    assert bad.func(bad) == 2
+    assert "unknown task 'nonsense'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_write_atomic_replaces_whole_files_only(tmp_path):
@@ -193,30 +292,6 @@ def test_write_atomic_replaces_whole_files_only(tmp_path):
         write_atomic(target, 123)  # fails mid-write: the old file stays, no temporary file is left
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
-
-
-def test_offline_metric_module_loads_locally_and_matches_lm_eval():
-    from lm_eval.api.metrics import exact_match_hf_evaluate
-
-    from transformers_mhc.evaluation.offline_metrics import available_metrics, load_offline_metric
-
-    assert "exact_match" in available_metrics()
-    metric = load_offline_metric("exact_match")
-    predictions = ["The answer is 1,000.", "$18", "Paris", " paris!", "42"]
-    references = ["#### 1000", "18", "paris", "Paris", "43"]
-    for options in (
-        {},
-        {"ignore_case": True},
-        {"ignore_case": True, "ignore_punctuation": True},
-        {"regexes_to_ignore": [",", r"\$", "(?s).*#### ", r"\.$", "The answer is "], "ignore_case": True},
-        {"ignore_numbers": True},
-    ):
-        ours = metric.compute(predictions=predictions, references=references, **options)["exact_match"]
-        assert ours == pytest.approx(
-            exact_match_hf_evaluate(predictions, references, **options)["exact_match"]
-        )
-    with pytest.raises(ValueError, match="no local metric module"):
-        load_offline_metric("bleu")
 
 
 # ----------------------------------------------------------------------------- with stories260k
@@ -289,8 +364,8 @@ def test_scores_equal_lm_eval_builtin_tasks_on_the_same_local_data(stories260k_p
         log_samples=True,
         bootstrap_iters=0,
     )
-    for task, ref_yaml in pairs.items():
-        ref = Path(ref_yaml).stem
+    for builtin, ref_yaml in pairs.items():
+        ref, task = Path(ref_yaml).stem, f"local_{builtin}"  # our tasks: `local_` + lm-eval's name
         assert _metrics(ours["lm_eval"]["results"][task]) == _metrics(reference["results"][ref]), task
         assert ours["lm_eval"]["n-samples"][task] == reference["n-samples"][ref]
         mine, theirs = ours["samples"][task], reference["samples"][ref]
@@ -303,13 +378,16 @@ def test_scores_equal_lm_eval_builtin_tasks_on_the_same_local_data(stories260k_p
             assert a["resps"] == b["resps"] and a["filtered_resps"] == b["filtered_resps"]
             assert a["target"] == b["target"] and a["filter"] == b["filter"]
     # Sanity: the prompts really are lm-eval's few-shot ones, and the flat score rows match.
-    first_cot = ours["samples"][f"bbh_cot_fewshot_{BBH_TASK}"][0]["arguments"][0][0]
+    first_cot = ours["samples"][f"local_bbh_cot_fewshot_{BBH_TASK}"][0]["arguments"][0][0]
     assert first_cot.count("Let's think step by step.") == 4
-    row = next(r for r in ours["scores"] if r["task"] == f"mmlu_{MMLU_SUBJECT}")
+    row = next(r for r in ours["scores"] if r["task"] == f"local_mmlu_{MMLU_SUBJECT}")
     assert row["value"] == reference["results"]["ref_mmlu"]["acc,none"] and row["n"] == limit
 
 
-def test_limited_runs_of_bbh_gsm8k_mmlu(stories260k_path, data_dir):
+def test_limited_runs_of_bbh_gsm8k_mmlu(stories260k_path, data_dir, capsys, caplog):
+    """The whole suite, one document per task; the run is announced with its request count and
+    estimate, and lm-eval's per-request truncation notice appears once."""
+    caplog.set_level(logging.WARNING)
     report = suite.evaluate_model(
         stories260k_path,
         tasks="bbh,gsm8k,mmlu",
@@ -321,20 +399,40 @@ def test_limited_runs_of_bbh_gsm8k_mmlu(stories260k_path, data_dir):
     )
     results = report["lm_eval"]
     tasks = {r["task"] for r in report["scores"] if r["kind"] == "task"}
-    assert len([t for t in tasks if t.startswith("bbh_cot_fewshot_")]) == 27
-    assert len([t for t in tasks if t.startswith("mmlu_")]) == 57
-    assert "gsm8k_cot" in tasks
+    assert len([t for t in tasks if t.startswith("local_bbh_cot_fewshot_")]) == 27
+    assert len([t for t in tasks if t.startswith("local_mmlu_")]) == 57
+    assert "local_gsm8k_cot" in tasks and len(tasks) == 27 + 57 + 1
     assert all(results["n-samples"][t]["effective"] == 1 for t in tasks)
     groups = results["groups"]
     assert 0.0 <= groups["local_bbh_cot_fewshot"]["exact_match,get-answer"] <= 1.0
-    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(groups["local_gsm8k_cot"])
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(
+        results["results"]["local_gsm8k_cot"]
+    )
     mmlu = groups["local_mmlu_redux"]["acc,none"]
-    per_subject = [results["results"][t]["acc,none"] for t in tasks if t.startswith("mmlu_")]
+    per_subject = [results["results"][t]["acc,none"] for t in tasks if t.startswith("local_mmlu_")]
     assert mmlu == pytest.approx(sum(per_subject) / 57)  # one question each: a plain mean
     assert report["settings"]["num_fewshot"] is None
-    assert results["n-shot"]["bbh_cot_fewshot_navigate"] == 3 and results["n-shot"]["gsm8k_cot"] == 8
+    assert (
+        results["n-shot"]["local_bbh_cot_fewshot_navigate"] == 3 and results["n-shot"]["local_gsm8k_cot"] == 8
+    )
     markdown = suite.format_markdown(report)
     assert "local_bbh_cot_fewshot" in markdown and "mmlu_redux" in markdown and "gsm8k_cot" in markdown
+
+    # 57 subjects x 4 choices, 27 BBH + 1 GSM8K generations: what lm-eval ran, counted before it ran.
+    plan = report["plan"]
+    assert plan["requests"] == {"loglikelihood": 57 * 4, "generate_until": 27 + 1}
+    assert plan["max_new_tokens"] == 28 * 4 and plan["forward_passes"] <= 57 * 4
+    assert 0 < plan["estimated_s"] <= plan["estimated_max_s"] and plan["elapsed_s"] > 0
+    assert plan["prefill_tokens_per_s"] > 0 and plan["decode_tokens_per_s"] > 0
+    err = capsys.readouterr().err
+    assert "lm-eval: 256 requests (228 loglikelihood, 28 generate_until)" in err
+    assert "estimated time:" in err and "lm-eval: finished in" in err
+    truncated = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("Left truncation applied")
+    ]
+    assert len(truncated) == 1 and "said once per run" in truncated[0]
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("left truncation of")]
+    assert int(summary.split(":")[-1].split()[0]) > 1  # the BBH CoT prompts exceed 2048 - 4 tokens
 
 
 def test_in_process_model_scores_like_its_checkpoint(stories260k_path, data_dir):
@@ -348,7 +446,7 @@ def test_in_process_model_scores_like_its_checkpoint(stories260k_path, data_dir)
     tokenizer = AutoTokenizer.from_pretrained(stories260k_path)
     in_memory = suite.evaluate_model(model, tokenizer, tasks, **kwargs)
     assert in_memory["scores"] == from_path["scores"]
-    for task in ("gsm8k_cot", f"mmlu_{MMLU_SUBJECT}"):
+    for task in ("local_gsm8k_cot", f"local_mmlu_{MMLU_SUBJECT}"):
         assert [s["resps"] for s in in_memory["samples"][task]] == [
             s["resps"] for s in from_path["samples"][task]
         ]
@@ -385,7 +483,7 @@ def test_trust_remote_code_checkpoint(stories260k_path, data_dir, tmp_path):
         suite.evaluate_model(checkpoint, device="cpu", **kwargs)
     remote = suite.evaluate_model(checkpoint, device="cpu", trust_remote_code=True, **kwargs)
     plain = suite.evaluate_model(stories260k_path, device="cpu", **kwargs)
-    task = f"mmlu_{MMLU_SUBJECT}"
+    task = f"local_mmlu_{MMLU_SUBJECT}"
     assert remote["lm_eval"]["results"][task] == plain["lm_eval"]["results"][task]
     assert [s["resps"] for s in remote["samples"][task]] == [s["resps"] for s in plain["samples"][task]]
 
@@ -418,10 +516,10 @@ def test_other_suite_members_run_from_a_local_file(stories260k_path, tmp_path):
         log_samples=True,
         bootstrap_iters=0,
     )
-    results = report["lm_eval"]["results"]["hellaswag"]
+    results = report["lm_eval"]["results"]["local_hellaswag"]
     assert {"acc,none", "acc_norm,none"} <= set(results)
-    assert report["lm_eval"]["n-samples"]["hellaswag"]["effective"] == 3
-    for sample in report["samples"]["hellaswag"]:
+    assert report["lm_eval"]["n-samples"]["local_hellaswag"]["effective"] == 3
+    for sample in report["samples"]["local_hellaswag"]:
         context = sample["arguments"][0][0]
         assert context.count(sample["doc"]["activity_label"] + ":") == 1  # its own example is not a shot
         assert context.count(":") == 2  # one shot + the question
@@ -456,12 +554,12 @@ def test_cli_writes_json_and_markdown_and_keeps_old_results_on_failure(
         for r in _redux_rows(data_dir / "mmlu_redux" / f"mmlu_{MMLU_SUBJECT}.csv")
         if r["error_type"].strip().lower() == "ok"
     ]
-    assert report["lm_eval"]["n-samples"][f"mmlu_{MMLU_SUBJECT}"] == {
+    assert report["lm_eval"]["n-samples"][f"local_mmlu_{MMLU_SUBJECT}"] == {
         "original": len(ok_rows),
         "effective": len(ok_rows),
     }
     assert report["settings"]["skip_flagged_mmlu"] is True and report["settings"]["limit"] == 200
-    assert any(r["task"] == f"mmlu_{MMLU_SUBJECT}" and r["metric"] == "acc" for r in report["scores"])
+    assert any(r["task"] == f"local_mmlu_{MMLU_SUBJECT}" and r["metric"] == "acc" for r in report["scores"])
     markdown = output.with_suffix(".md").read_text()
     assert "anatomy" in markdown and markdown in capsys.readouterr().out
     assert sorted(p.name for p in output.parent.iterdir()) == ["results.json", "results.md"]

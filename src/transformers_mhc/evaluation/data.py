@@ -1,14 +1,9 @@
-"""Local data for the downstream suite: where it lives and how lm-eval tasks read it.
+"""Local data for the downstream suite: where it lives, and the MMLU-Redux CSV reader.
 
-lm-eval's built-in tasks download their data from the Hub. Our task definitions (``tasks/``) keep the
-built-in prompts, filters and metrics and swap only the loader for one of the functions below, used
-as the task's ``custom_dataset``. lm-eval calls it with the task's ``metadata`` and
-``dataset_kwargs`` merged into keyword arguments, so every loader accepts and ignores extra keys.
-
-The data folder is resolved, first match wins, from: the ``local_data_dir`` dataset kwarg (set by
-:func:`transformers_mhc.evaluation.evaluate_model`), the ``data_dir`` metadata key (``lm_eval
---metadata '{"data_dir": ...}'``), the ``TRANSFORMERS_MHC_DATA`` environment variable, then
-``../shared/data`` next to the current directory or next to the repository checkout.
+The data folder (holding ``bbh/``, ``gsm8k/``, ``mmlu_redux/``) is, first match wins: the one given
+(``--data-dir``), the ``TRANSFORMERS_MHC_DATA`` environment variable, then ``../shared/data`` next to
+the current directory or next to the repository checkout. :mod:`.local_tasks` writes lm-eval tasks
+that read it.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +22,6 @@ DATA_DIR_ENV = "TRANSFORMERS_MHC_DATA"
 
 # src/transformers_mhc/evaluation/data.py -> the repository root is three levels above the package.
 _REPO_ROOT = Path(__file__).resolve().parents[3]
-
-# File suffix -> `datasets` packaged builder.
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 MMLU_REDUX_COLUMNS = ("question", "choices", "answer", "error_type")
 
@@ -74,49 +65,6 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
             f"(the folder holding bbh/, gsm8k/, mmlu_redux/) or set {DATA_DIR_ENV}"
         )
     return path.resolve()
-
-
-def _data_path(relative: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None) -> Path:
-    path = Path(relative).expanduser()
-    if not path.is_absolute():
-        path = resolve_data_dir(data_dir) / path
-    if not path.is_file():
-        raise DataDirError(f"data file not found: {path}")
-    return path
-
-
-def load_local_files(
-    *,
-    local_files: Mapping[str, str],
-    json_field: str | None = None,
-    local_data_dir: str | None = None,
-    data_dir: str | None = None,
-    **_ignored: Any,
-):
-    """``custom_dataset`` for tasks whose local files already have the Hub data set's columns.
-
-    Args:
-        local_files: split name -> file, absolute or relative to the data folder; the format comes
-            from the suffix (``.json``/``.jsonl``, ``.csv``, ``.parquet``, ``.arrow``).
-        json_field: for JSON files holding ``{field: [records]}`` (BBH keeps them under ``examples``).
-        local_data_dir, data_dir: the data folder (see the module docstring for the order).
-
-    Returns:
-        a ``datasets.DatasetDict`` with one split per entry of ``local_files``.
-    """
-    import datasets
-
-    folder = local_data_dir or data_dir
-    splits = {}
-    for split, relative in local_files.items():
-        path = _data_path(relative, folder)
-        builder = _BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use one of {sorted(_BUILDERS)}")
-        kwargs = {"field": json_field} if builder == "json" and json_field else {}
-        # One `load_dataset` per split so that every split may come in its own format.
-        splits[split] = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
-    return datasets.DatasetDict(splits)
 
 
 def normalize_error_type(value: str | None) -> str:
@@ -177,41 +125,3 @@ def read_mmlu_redux_csv(path: str | os.PathLike[str], subject: str | None = None
             }
         )
     return docs
-
-
-def load_mmlu_redux(
-    *,
-    mmlu_redux_subject: str,
-    mmlu_redux_skip_flagged: bool | None = None,
-    skip_flagged_mmlu: bool = False,
-    local_data_dir: str | None = None,
-    data_dir: str | None = None,
-    **_ignored: Any,
-):
-    """``custom_dataset`` for the MMLU subjects: ``mmlu_redux/mmlu_{subject}.csv`` as a ``test`` split.
-
-    Args:
-        mmlu_redux_subject: MMLU subject, e.g. ``"anatomy"``.
-        mmlu_redux_skip_flagged / skip_flagged_mmlu: drop the questions whose Redux ``error_type`` is
-            not ``ok`` (a disputed ground truth). The first is set per run by ``evaluate_model``; the
-            second is the ``--metadata`` spelling for direct ``lm_eval`` use.
-        local_data_dir, data_dir: the data folder (see the module docstring for the order).
-    """
-    import datasets
-
-    path = _data_path(Path("mmlu_redux") / f"mmlu_{mmlu_redux_subject}.csv", local_data_dir or data_dir)
-    docs = read_mmlu_redux_csv(path, mmlu_redux_subject)
-    skip = skip_flagged_mmlu if mmlu_redux_skip_flagged is None else mmlu_redux_skip_flagged
-    if skip:
-        docs = [doc for doc in docs if doc["error_type"] == "ok"]
-    features = datasets.Features(
-        {
-            "question": datasets.Value("string"),
-            "subject": datasets.Value("string"),
-            "choices": datasets.Sequence(datasets.Value("string")),
-            "answer": datasets.Value("int64"),
-            "error_type": datasets.Value("string"),
-            "correct_answer": datasets.Value("string"),
-        }
-    )
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs, features=features)})
