@@ -97,6 +97,8 @@ def test_written_folder_runs_lm_eval_tasks_on_every_local_file(data_dir, tmp_pat
     for name in names:
         assert _leaves(configs, name) == local_tasks.leaf_tasks(name)
     manager = local_tasks.builtin_task_manager()
+    # `lm_eval --include_path` indexes lm-eval's own tasks too: none of ours may shadow one of them.
+    assert not (set(configs) & set(manager.all_tasks))
     for leaf in leaves:
         builtin = local_tasks.catalogue()[0][leaf].builtin
         raw = yaml.safe_load((folder / f"{leaf}.yaml").read_text())
@@ -524,6 +526,37 @@ def test_other_suite_members_run_from_a_local_file(stories260k_path, tmp_path):
         assert context.count(sample["doc"]["activity_label"] + ":") == 1  # its own example is not a shot
         assert context.count(":") == 2  # one shot + the question
     assert report["settings"]["data_dir"] is None
+
+
+def test_lm_eval_truncation_notices_are_said_once(stories260k_path, caplog):
+    """Guards what :func:`progress.notices_once` relies on in lm-eval (its HFLM logger and the wording of
+    its two per-request truncation notices): if upstream changes either, this fails."""
+    from lm_eval.api.instance import Instance
+
+    from transformers_mhc.evaluation import progress
+
+    caplog.set_level(logging.WARNING)
+    lm = HFLM(pretrained=str(stories260k_path), device="cpu", batch_size=1, max_length=16)
+    long_text = "Once upon a time there was a little girl who liked to play in the park. " * 3
+    requests = [
+        Instance("loglikelihood", {}, (long_text + str(i), " and then she went home."), idx=0)
+        for i in range(3)
+    ]
+    with progress.notices_once() as counts:
+        for _ in range(3):
+            lm.tok_batch_encode([long_text], left_truncate_len=8)
+        lm.loglikelihood(requests, disable_tqdm=True)
+    messages = [r.getMessage() for r in caplog.records if r.name == progress.HFLM_LOGGER]
+    for prefix in progress.REPEATED_NOTICES:
+        assert counts[prefix] == 3, prefix
+        assert len([m for m in messages if m.startswith(prefix)]) == 1, prefix
+    summaries = [r.getMessage() for r in caplog.records if r.name == progress.__name__]
+    assert summaries == [f"{text}: 3 requests in all" for text in progress.REPEATED_NOTICES.values()]
+    # Outside the block lm-eval's logger is left as it was.
+    caplog.clear()
+    lm.tok_batch_encode([long_text], left_truncate_len=8)
+    lm.tok_batch_encode([long_text], left_truncate_len=8)
+    assert len([r for r in caplog.records if r.name == progress.HFLM_LOGGER]) == 2
 
 
 def _eval_parser() -> argparse.ArgumentParser:
