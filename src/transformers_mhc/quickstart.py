@@ -317,6 +317,16 @@ def run_quickstart(
             check_weight_files(source_path)
         except ConversionError as error:
             raise ConversionError(f"--model: {error}") from None
+    candidate = Path(output).expanduser()
+    if candidate.is_dir() and not candidate.is_symlink() and not overwrite and not _is_own_output(candidate):
+        foreign = sorted(child.name for child in candidate.iterdir() if child.name not in OWN_ENTRIES)
+        what = (
+            ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else f"no {REPORT_FILE}"
+        )
+        raise ValueError(
+            f"--output {candidate.absolute()} holds files the quickstart did not write ({what}); pass --overwrite "
+            f"to replace it, or choose another --output."
+        )
     try:
         folder = OutputFolder(
             output,
@@ -327,7 +337,7 @@ def run_quickstart(
             may_replace=_is_own_output,
         )
     except OutputError as error:
-        raise ValueError(f"{error} (--overwrite replaces a folder the quickstart did not write)") from None
+        raise ValueError(str(error)) from None
     output = folder.path
     if model is not None and (source_path.resolve() == output or output in source_path.resolve().parents):
         raise ValueError(f"--model {model} is inside --output {output}, which the quickstart would replace.")
