@@ -87,6 +87,9 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     of a hybrid are transformers' `LlamaAttention`. Linear-attention layers use `num_attention_heads` heads of
     `head_dim` channels for q, k and v.
 
+    Every field is type- and range-checked as in [`MHCConfig`] (bounds shared with it, plus `short_conv_size <= 64`
+    and `chunk_size <= 2048`), and a loaded `config.json` must have `model_type="decay_linear_attn"`.
+
     Args:
         decay_type (`str`, *optional*, defaults to `"simple"`):
             How `log lambda_t` is computed from `f = f_proj(x)` (all values are `<= 0`):

@@ -265,7 +265,11 @@ class MHCConfig(LlamaConfig):
     Configuration of an [`MHCModel`]: a Llama decoder whose residual stream is widened to `num_streams` streams
     joined by (manifold-constrained) hyper-connections around every attention and MLP sub-layer.
 
-    Every [`~transformers.LlamaConfig`] field is accepted with the same meaning; the fields below are added.
+    Every [`~transformers.LlamaConfig`] field is accepted with the same meaning; the fields below are added. Every
+    field, the Llama ones included, is type- and range-checked when it is set (a `TypeError` / `ValueError` naming the
+    field, the value and what is allowed; an int is accepted for a float, a bool never for a number), with upper
+    bounds that keep a typo from hanging or exhausting memory (at most 1024 layers, 64 streams, 1000 Sinkhorn
+    iterations, ...). The same checks run when a `config.json` is loaded, whose `model_type` must be `"mhc"`.
 
     Args:
         num_streams (`int`, *optional*, defaults to 4):
