@@ -328,6 +328,37 @@ def test_output_folder_keeps_the_old_folder_until_the_new_one_is_complete(tmp_pa
     assert tree(output) == {"new.txt": hashlib.sha256(b"new").hexdigest()} and hidden(tmp_path) == []
 
 
+def test_in_place_output_folder_puts_the_old_one_back(tmp_path):
+    """The quickstart's mode: it writes into OUTPUT itself, the old folder waits aside until the run has finished."""
+    output = tmp_path / "qs"
+    output.mkdir()
+    (output / "report.json").write_text("old run")
+
+    def complete(path: Path) -> bool:
+        return (path / "report.json").is_file()
+
+    with pytest.raises(RuntimeError):
+        with OutputFolder(output, overwrite=True, in_place=True, is_complete=complete) as folder:
+            (folder.path / "partial.bin").write_text("half")
+            assert (work_path(output) / "previous" / "report.json").is_file()
+            raise RuntimeError("the run fails")
+    assert tree(output) == {"report.json": hashlib.sha256(b"old run").hexdigest()} and hidden(tmp_path) == []
+
+    # What a SIGKILL in the middle of a run leaves: the old folder aside, an incomplete new one in place.
+    work = work_path(output)
+    work.mkdir()
+    output.rename(work / "previous")
+    output.mkdir()
+    (output / "partial.bin").write_text("half")
+    (work / MARKER_FILE).write_text(json.dumps({"in_place": True}))
+    with OutputFolder(output, overwrite=True, in_place=True, is_complete=complete) as folder:
+        assert folder.notes and "restored" in folder.notes[0]
+        assert not (output / "partial.bin").exists()  # recovery put the old folder back, then moved it aside
+        (folder.path / "report.json").write_text("new run")
+        folder.commit()
+    assert tree(output) == {"report.json": hashlib.sha256(b"new run").hexdigest()} and hidden(tmp_path) == []
+
+
 def test_output_folder_refuses_a_work_folder_that_is_not_its_own(tmp_path):
     output = tmp_path / "out"
     foreign = work_path(output)

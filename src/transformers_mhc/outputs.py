@@ -197,6 +197,8 @@ class OutputFolder:
             else:
                 self.staging.mkdir()
         except BaseException:
+            if self.in_place and self.previous.exists() and not self.path.exists():
+                self.previous.rename(self.path)  # the old folder was moved aside just before the failure
             self._release()
             raise
         return self
