@@ -119,28 +119,30 @@ def format_seconds(seconds: float) -> str:
 
 
 def _forward_lengths(lm: Any, requests: Sequence[Any]) -> list[int]:
-    """Token lengths of the forwards lm-eval's HFLM runs for loglikelihood requests: one per distinct
-    context when the continuation is one token (it reuses the logits), one per request otherwise."""
-    contexts = [req.args[0] for req in requests]
-    continuations = [req.args[1] for req in requests]
-    ctx_lens = _token_lengths(lm, contexts)
-    cont_lens = _token_lengths(lm, continuations)
-    seen: set[tuple[str, str]] = set()
+    """Token lengths of the forwards lm-eval's HFLM runs for loglikelihood requests: it runs one forward
+    per distinct context + continuation-but-its-last-token (the logits of one forward score every
+    continuation that differs only in its last token, e.g. the choices " A", " B" of MMLU)."""
+    contexts = _token_ids(lm, [req.args[0] for req in requests])
+    continuations = _token_ids(lm, [req.args[1] for req in requests])
+    seen: set[tuple[int, ...]] = set()
     lengths = []
-    for context, continuation, ctx_len, cont_len in zip(contexts, continuations, ctx_lens, cont_lens):
-        key = (context, continuation if cont_len > 1 else "")
+    for context, continuation in zip(contexts, continuations):
+        key = tuple(context + continuation[:-1])
         if key in seen:
             continue
         seen.add(key)
-        lengths.append(min(ctx_len + cont_len, lm.max_length + 1) - 1)
+        lengths.append(min(len(context) + len(continuation), lm.max_length + 1) - 1)
     return lengths
 
 
-def _token_lengths(lm: Any, texts: Sequence[str]) -> list[int]:
+def _token_ids(lm: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    encoded = lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [max(len(ids), 1) for ids in encoded]
+    return [ids or [0] for ids in lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _token_lengths(lm: Any, texts: Sequence[str]) -> list[int]:
+    return [len(ids) for ids in _token_ids(lm, texts)]
 
 
 def _batches(lengths: Iterable[int], batch_size: int) -> list[int]:
