@@ -276,6 +276,25 @@ class DecayLinearAttnConfig(PreTrainedConfig):
             validate_attention_heads(self)
         validate_rope_and_padding(self)
 
+    def validate_rope_scaling(self) -> None:
+        """Part of `@strict` validation: RoPE scaling acts on the Llama RoPE of a hybrid's softmax layers only, so it
+        is refused where nothing would apply it (rather than silently not scaling)."""
+        parameters = self.rope_parameters or {}
+        rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+        if rope_type == "default":
+            return
+        if not self.attention_layers:
+            raise ValueError(
+                f"`rope_parameters` asks for rope_type={rope_type!r}, but this model has no softmax-attention layer "
+                f"(`attention_layers={self.attention_layers}`), so nothing would be scaled; use rope_type 'default'."
+            )
+        if self.positional_encoding == "rope":
+            raise ValueError(
+                f"`rope_parameters` asks for rope_type={rope_type!r}, which would scale the softmax-attention layers "
+                "but not the cosine RoPE of the linear-attention layers (`positional_encoding='rope'`); use rope_type "
+                "'default', or `positional_encoding` 'none' / 'tpe'."
+            )
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DecayLinearAttnConfig":
         check_model_type(cls, config_dict)
