@@ -143,7 +143,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="every process writes its trainable parameters to OUTPUT/rank{N}_trainable.safetensors (DDP check)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an --output folder that already has files in it"
+    )
+    args = parser.parse_args(argv)
+    # Checked before anything is loaded or written (by every process alike: none writes before training ends).
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output} is a file; give a folder.")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        parser.error(
+            f"--output {output} already has files in it; pass --overwrite to write into it, or choose another --output."
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

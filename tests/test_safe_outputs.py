@@ -541,3 +541,20 @@ def test_kill_at_random_moments_never_loses_output_or_touches_source(tmp_path):
         assert tree(source) == source_tree
     convert_llama_to_mhc(source, output, verify=False, overwrite=True)
     assert hidden(tmp_path) == []
+
+
+def test_finetune_example_refuses_an_output_with_files_before_loading(tmp_path, capsys):
+    """`examples/finetune.py` wrote into an existing --output (the README's `ft/`) without asking."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_example", REPO / "examples" / "finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    output = tmp_path / "ft"
+    output.mkdir()
+    assert finetune.parse_args(["--model", "m", "--output", str(output)]).output == str(output)  # empty: fine
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        finetune.parse_args(["--model", "m", "--output", str(output)])
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert finetune.parse_args(["--model", "m", "--output", str(output), "--overwrite"]).overwrite
