@@ -263,8 +263,9 @@ def decay_context() -> dict:
 
 
 def test_fuzz_mhc_config():
+    """Every value at config time; the model for one accepted value per field (all of them: the slow test)."""
     start = time.perf_counter()
-    counts, problems = fuzz(MHCConfig, MHCForCausalLM, TINY_MHC, {}, MHC_EDGES)
+    counts, problems = fuzz(MHCConfig, MHCForCausalLM, TINY_MHC, {}, MHC_EDGES, every_accepted=False)
     report("MHCConfig (mhc)", counts, time.perf_counter() - start)
     assert not problems, "\n".join(problems)
     assert counts["clear error"] > 250 and counts["accepted as valid"] > 10
@@ -294,6 +295,14 @@ def test_fuzz_decay_config():
     report("DecayLinearAttnConfig", counts, time.perf_counter() - start)
     assert not problems, "\n".join(problems)
     assert counts["clear error"] > 400 and counts["accepted as valid"] > 10
+
+
+@pytest.mark.slow
+def test_fuzz_mhc_config_runs_every_accepted_value():
+    start = time.perf_counter()
+    counts, problems = fuzz(MHCConfig, MHCForCausalLM, TINY_MHC, {}, MHC_EDGES)
+    report("MHCConfig (every accepted value run)", counts, time.perf_counter() - start)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow
