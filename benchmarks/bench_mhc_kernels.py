@@ -20,7 +20,7 @@ Needs a CUDA GPU: the kernels only launch there (on CPU they run only through th
 says nothing about speed). Without one the script says so and writes a JSON recording that no timing was taken.
 
 For every kernel, both sides run in the same process on the same inputs: the reference is the torch path of
-`transformers_mhc.models.mhc_ops` (forced by hiding the kernels from its dispatch), timed eagerly. Reported per
+`transformers_mhc.models.mhc_ops` (forced with `kernel_backend="torch"`), timed eagerly. Reported per
 row: median milliseconds of forward + backward (`triton.testing.do_bench`), the speed-up, peak memory of one
 forward + backward, and the largest difference between the two outputs.
 """
@@ -28,12 +28,12 @@ forward + backward, and the largest difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,27 +67,6 @@ def _environment() -> dict:
     else:
         env["device"] = "cpu"
     return env
-
-
-@contextlib.contextmanager
-def _torch_path():
-    """Makes `mhc_ops` take its pure-PyTorch path even on CUDA tensors (the baseline of every row)."""
-    from transformers_mhc.models import mhc_ops
-
-    names = [
-        "sinkhorn_knopp_triton",
-        "mhc_coefficients_triton",
-        "hc_pre_mix_triton",
-        "hc_res_post_mix_triton",
-    ]
-    saved = {name: getattr(mhc_ops, name) for name in names}
-    for name in names:
-        setattr(mhc_ops, name, None)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(mhc_ops, name, fn)
 
 
 def _cases(
@@ -162,8 +141,8 @@ def _peak_mb(run: Callable[[], object]) -> float:
 def _bench_case(kernel, reference, inputs, kwargs) -> dict:
     from triton.testing import do_bench
 
-    with _torch_path():
-        ref_out = _fwd_bwd(reference, inputs, kwargs, None)
+    reference = partial(reference, kernel_backend="torch")  # the torch path even on CUDA tensors
+    ref_out = _fwd_bwd(reference, inputs, kwargs, None)
     cotangents = [torch.randn_like(o) for o in ref_out]
     tri_out = _fwd_bwd(kernel, inputs, kwargs, None)
     max_diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(tri_out, ref_out))
@@ -173,8 +152,7 @@ def _bench_case(kernel, reference, inputs, kwargs) -> dict:
         return _fwd_bwd(kernel, inputs, kwargs, cotangents)
 
     def run_torch():
-        with _torch_path():
-            return _fwd_bwd(reference, inputs, kwargs, cotangents)
+        return _fwd_bwd(reference, inputs, kwargs, cotangents)
 
     torch_ms = do_bench(run_torch)
     triton_ms = do_bench(run_triton)

@@ -14,7 +14,7 @@
 """Triton kernels of Manifold-Constrained Hyper-Connections (mHC paper §5), each with an autograd Function.
 
 `transformers_mhc.models.mhc_ops` holds the pure-PyTorch references with the same signatures and dispatches to
-these on CUDA tensors:
+these as `kernel_backend` says (see `use_triton_kernels` there):
 
 - `sinkhorn_knopp_triton(logits, num_iterations)`: log-space Sinkhorn-Knopp, exact recomputing backward
   (`mhc_sinkhorn.py`)
@@ -36,12 +36,14 @@ from .mhc_mix import (
     hc_res_post_mix_triton,
 )
 from .mhc_sinkhorn import SinkhornKnoppTritonFunction, sinkhorn_knopp_triton
+from .runtime import can_launch_on
 
 __all__ = [
     "HCPreMixTritonFunction",
     "HCResPostMixTritonFunction",
     "MHCCoefficientsTritonFunction",
     "SinkhornKnoppTritonFunction",
+    "can_launch_on",
     "hc_pre_mix_triton",
     "hc_res_post_mix_triton",
     "mhc_coefficients_triton",

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mhc_utils import device_guard
+from .runtime import device_guard
 
 # tl.dot needs every dimension >= 16.
 _MIN_DOT = 16

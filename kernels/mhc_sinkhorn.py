@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .mhc_utils import device_guard
+from .runtime import device_guard
 
 # Elements of the padded [BLOCK_B, NP, NP] tile a program holds; bounds register use on GPUs.
 _TILE_ELEMENTS = 1024

@@ -24,6 +24,7 @@ from .configuration_mhc import (
     HC_CONVENTIONS,
     HC_READOUTS,
     HYPER_CONNECTION_TYPES,
+    KERNEL_BACKENDS,
     MAX_GATE,
     MAX_HEAD_DIM,
     MAX_HEADS,
@@ -146,6 +147,11 @@ class DecayLinearAttnConfig(PreTrainedConfig):
         hc_post_bias_init, hc_symmetry_breaking, hc_eps, hc_recompute, hc_recompute_interval:
             As in [`MHCConfig`]: `"mhc"` or `"hc"` widen the residual stream to `num_streams` streams joined by
             hyper-connections around the mixer and the MLP of every layer; `"none"` is a plain residual.
+        kernel_backend (`str`, *optional*, defaults to `"auto"`):
+            As in [`MHCConfig`], for the linear-attention ops too: `"auto"` runs the Triton kernels where they support
+            the inputs (CUDA, fp32/bf16/fp16, key head dim <= 256 after RoPE, a power-of-two `chunk_size` >= 16, not
+            compiling), `"torch"` the pure-PyTorch path, `"triton"` the kernels or an error. The delta rule has no
+            kernel and always runs the pure-PyTorch path.
 
     Example:
 
@@ -236,6 +242,7 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
     hc_recompute: bool = False
     hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
+    kernel_backend: str = validated_field(one_of(KERNEL_BACKENDS), default="auto")
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:

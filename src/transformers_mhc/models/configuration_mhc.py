@@ -33,6 +33,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 HYPER_CONNECTION_TYPES = ("mhc", "hc", "none")
 HC_READOUTS = ("mean", "sum", "learned")
 HC_CONVENTIONS = ("paper", "deepseek_v4")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 # Upper bounds far beyond any model trained so far, but low enough that a typo (`2**31` layers, `10**9` Sinkhorn
 # iterations) fails at once instead of hanging a build, a forward or allocating without bound.
@@ -313,6 +314,11 @@ class MHCConfig(LlamaConfig):
             layer and each sub-layer's output, and recompute the hyper-connection arithmetic in backward.
         hc_recompute_interval (`int`, *optional*):
             Layers per recomputation segment `L_r`; defaults to `round(sqrt(n * L / (n + 2)))`.
+        kernel_backend (`str`, *optional*, defaults to `"auto"`):
+            Which implementation runs the hyper-connection ops: `"auto"` the Triton kernels wherever they support
+            the inputs (CUDA tensors in fp32/bf16/fp16, not under `torch.compile`) and the pure-PyTorch path
+            elsewhere; `"torch"` always the pure-PyTorch path; `"triton"` always the kernels (also on CPU tensors
+            under `TRITON_INTERPRET=1`, for tests), with an error saying why when they cannot run.
 
     Example:
 
@@ -355,6 +361,7 @@ class MHCConfig(LlamaConfig):
     hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
     hc_recompute: bool = False
     hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
+    kernel_backend: str = validated_field(one_of(KERNEL_BACKENDS), default="auto")
 
     def __post_init__(self, **kwargs):
         # Checked before Llama derives `head_dim = hidden_size // num_attention_heads`, which could be 0.

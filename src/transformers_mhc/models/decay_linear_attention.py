@@ -305,6 +305,7 @@ class DecayLinearAttnTPE(nn.Module):
         self.key = nn.Parameter(torch.empty(self.num_heads, 1))
         self.log_rate = nn.Parameter(torch.empty(self.num_heads))
         self.chunk_size = config.chunk_size
+        self.config = config
         if not _on_meta_device(self):
             self.reset_parameters()
 
@@ -338,7 +339,13 @@ class DecayLinearAttnTPE(nn.Module):
             else partial(chunk_decay_linear_attn, chunk_size=self.chunk_size)
         )
         out, state = op(
-            query, key, values, log_decay, initial_state=state, output_final_state=output_final_state
+            query,
+            key,
+            values,
+            log_decay,
+            initial_state=state,
+            output_final_state=output_final_state,
+            kernel_backend=self.config.kernel_backend,
         )
         return inputs_embeds + out.transpose(1, 2).reshape(batch, length, hidden), state
 
@@ -472,9 +479,10 @@ class DecayLinearAttention(nn.Module):
         if self.use_delta_rule:
             op = recurrent_delta_rule_decay if length == 1 else chunk_delta_rule_decay
             op_args = (query_states, key_states, value_states, beta, log_decay)
-        else:
+        else:  # (the delta rule has no Triton kernel: it always runs the torch path)
             op = recurrent_decay_linear_attn if length == 1 else chunk_decay_linear_attn
             op_args = (query_states, key_states, value_states, log_decay)
+            op_kwargs["kernel_backend"] = self.config.kernel_backend
         if length > 1:
             op_kwargs["chunk_size"] = self.chunk_size
         attn_output, state = op(*op_args, **op_kwargs)

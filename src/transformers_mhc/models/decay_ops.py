@@ -47,15 +47,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mhc_ops import use_triton_kernels
+
 # The Triton kernels live in a subpackage that does not travel with remote-code checkpoints, so they are optional.
 try:
     from transformers_mhc.kernels.decay_linear_attn import (
+        MAX_HEAD_DIM_K,
+        SUB_CHUNK,
+        can_launch_on,
         chunk_decay_linear_attn_triton,
         fused_recurrent_decay_triton,
     )
 except ImportError:
-    chunk_decay_linear_attn_triton = None
-    fused_recurrent_decay_triton = None
+    can_launch_on = chunk_decay_linear_attn_triton = fused_recurrent_decay_triton = None
+    MAX_HEAD_DIM_K, SUB_CHUNK = 256, 16
 
 
 __all__ = [
@@ -66,6 +71,31 @@ __all__ = [
     "recurrent_delta_rule_decay",
     "naive_delta_rule_decay",
 ]
+
+
+def _use_decay_kernels(
+    kernel_backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    initial_state: Tensor | None,
+    chunk_size,
+) -> bool:
+    """The dispatch decision of the decay ops (see `mhc_ops.use_triton_kernels`), with the kernels' own limits."""
+    if kernel_backend == "torch":  # before any check: the reference path never depends on the kernels
+        return False
+    tensors = (q, k, v, log_decay) + (() if initial_state is None else (initial_state,))
+    unsupported = None
+    if q.shape[-1] > MAX_HEAD_DIM_K:
+        unsupported = f"key head dim {q.shape[-1]} > {MAX_HEAD_DIM_K} (the kernels hold it in one tile)"
+    elif len({q.dtype, k.dtype, v.dtype}) > 1:
+        unsupported = f"q, k, v of different dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    elif q.shape[2] == 0:
+        unsupported = "an empty sequence"
+    elif chunk_size is not None and (chunk_size < SUB_CHUNK or chunk_size & (chunk_size - 1)):
+        unsupported = f"chunk_size {chunk_size} (the kernels need a power of two >= {SUB_CHUNK})"
+    return use_triton_kernels("decay", kernel_backend, tensors, can_launch_on, unsupported)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -251,6 +281,7 @@ def chunk_decay_linear_attn(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    kernel_backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked parallel linear attention with scalar or vector decay.
 
@@ -264,12 +295,14 @@ def chunk_decay_linear_attn(
         initial_state (`torch.Tensor` of shape `[B, H, Dk, Dv]`, *optional*): state before the first token.
         output_final_state (`bool`, *optional*, defaults to `False`): whether to return the state after the last token.
         chunk_size (`int`, *optional*, defaults to 64): tokens per chunk; `T` need not be a multiple of it.
+        kernel_backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"torch"` or `"triton"`, see
+            `mhc_ops.use_triton_kernels` (`"auto"`: the Triton kernel where it supports the inputs).
 
     Returns:
         `(o, final_state)`: `o` of shape `[B, H, T, Dv]` in `q.dtype`, and the float32 state `[B, H, Dk, Dv]` (or
-        `None` when `output_final_state=False`). On CUDA tensors the Triton kernel is used when it is installed.
+        `None` when `output_final_state=False`).
     """
-    if q.is_cuda and chunk_decay_linear_attn_triton is not None:
+    if _use_decay_kernels(kernel_backend, q, k, v, log_decay, initial_state, chunk_size):
         return chunk_decay_linear_attn_triton(
             q,
             k,
@@ -293,13 +326,14 @@ def recurrent_decay_linear_attn(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    kernel_backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Token-by-token recurrence, used for decoding (typically `T = 1` with the cached state).
 
-    Same arguments and returns as [`chunk_decay_linear_attn`] without `chunk_size`. On CUDA tensors the fused Triton
-    decode kernel is used when it is installed.
+    Same arguments and returns as [`chunk_decay_linear_attn`] without `chunk_size`; the Triton kernel it dispatches
+    to is the fused decode kernel.
     """
-    if q.is_cuda and fused_recurrent_decay_triton is not None:
+    if _use_decay_kernels(kernel_backend, q, k, v, log_decay, initial_state, None):
         return fused_recurrent_decay_triton(
             q,
             k,
@@ -333,10 +367,12 @@ def naive_decay_linear_attn(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    kernel_backend: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
     """Reference for tests only: the literal recurrence, one token at a time, in float64.
 
-    Returns `o` in `q.dtype` and the final state in the compute dtype of the other functions.
+    Returns `o` in `q.dtype` and the final state in the compute dtype of the other functions. `kernel_backend` is
+    accepted (and ignored: there is no kernel for it) so it can stand in for the other forms inside a model.
     """
     vector = _check_inputs(q, k, v, log_decay)
     batch, heads, length, dk = q.shape

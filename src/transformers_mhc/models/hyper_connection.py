@@ -125,7 +125,7 @@ class HyperConnection(nn.Module):
             init.constant_(self.alpha, config.hc_gate_init)
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = self.num_streams
+        n, backend = self.num_streams, self.config.kernel_backend
         pre_bias, post_bias, res_bias = self.static_bias.float().split([n, n, n * n])
         res_bias = res_bias.view(n, n)
 
@@ -136,7 +136,7 @@ class HyperConnection(nn.Module):
             if self.mode == "hc":
                 return pre_logits, post_logits, res_logits
             h_pre, h_post = torch.sigmoid(pre_logits), 2 * torch.sigmoid(post_logits)
-            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations)
+            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations, backend)
 
         if self.mode == "hc":
             normed = _rms_normalize(streams.float(), self.norm_eps)
@@ -149,9 +149,9 @@ class HyperConnection(nn.Module):
 
         if self.convention == "paper":
             h_pre, h_post, res_logits = mhc_coefficients(
-                streams.flatten(-2), self.phi, self.alpha, self.static_bias, self.norm_eps
+                streams.flatten(-2), self.phi, self.alpha, self.static_bias, self.norm_eps, backend
             )
-            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations)
+            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations, backend)
 
         # deepseek_v4 convention
         mixes = F.linear(_rms_normalize(streams.flatten(-2).float(), self.norm_eps), self.phi.float())
@@ -234,8 +234,30 @@ def inside_sublayer():
         _SUBLAYER_DEPTH -= 1
 
 
+# Selective checkpointing rejects a cached tensor that is mutated after it was cached, so buffers written in place
+# after they are made are recomputed, never cached: uninitialised ones, which a Triton kernel (invisible to the
+# dispatcher) fills, and the `diag_embed` that `decay_ops`' vector-decay scores fill block by block; so are the
+# in-place writes themselves and views (which alias such a buffer). None of them costs more than an allocation.
+_FILLED_LATER = {
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten.diag_embed.default,
+}
+
+
+def _cheap_or_mutating(op) -> bool:
+    """Allocations filled later, in-place ops and views (which alias a buffer that may be written later)."""
+    schema = op._schema
+    return op in _FILLED_LATER or schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+
+
 def keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if _SUBLAYER_DEPTH > 0 else CheckpointPolicy.PREFER_RECOMPUTE
+    if _SUBLAYER_DEPTH > 0 and not _cheap_or_mutating(op):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:

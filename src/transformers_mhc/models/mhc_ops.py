@@ -14,7 +14,7 @@
 """Pure-PyTorch hyper-connection arithmetic (mHC paper §3 and §5), and dispatch to the Triton kernels.
 
 These are the references of the kernels in `transformers_mhc.kernels.mhc`; every function here takes the
-same arguments as its kernel and is what runs on CPU tensors (and in checkpoints loaded with
+same arguments as its kernel plus `kernel_backend`, and is what runs on CPU tensors (and in checkpoints loaded with
 `trust_remote_code` where the package is not installed).
 
 Shapes: `N` is any number of leading token dimensions, `n` the number of streams, `C` the hidden size.
@@ -23,6 +23,10 @@ Shapes: `N` is any number of leading token dimensions, `n` the number of streams
 - `sinkhorn_knopp(logits, num_iterations)`: doubly stochastic `h_res`, exact row sums, recomputing backward
 - `hc_pre_mix(h_pre, x)`: the sub-layer input `Σ_j h_pre_j x_j`
 - `hc_res_post_mix(h_res, x, h_post, f)`: the new streams `h_res · x + h_postᵀ · f`
+
+`use_triton_kernels` is the one place that decides between a kernel and its torch reference (`decay_ops` uses it
+too): `kernel_backend="torch"` always runs the references, `"triton"` always the kernels (an error says why when
+they cannot run), `"auto"` the kernels wherever they support the inputs.
 """
 
 from __future__ import annotations
@@ -30,21 +34,95 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers.utils import logging
+
+from .configuration_mhc import KERNEL_BACKENDS
 
 try:  # The Triton fast path is optional: absent where the package is not installed (remote code).
     from transformers_mhc.kernels.mhc import (
+        can_launch_on,
         hc_pre_mix_triton,
         hc_res_post_mix_triton,
         mhc_coefficients_triton,
         sinkhorn_knopp_triton,
     )
 except ImportError:
-    hc_pre_mix_triton = hc_res_post_mix_triton = mhc_coefficients_triton = sinkhorn_knopp_triton = None
+    can_launch_on = hc_pre_mix_triton = hc_res_post_mix_triton = mhc_coefficients_triton = None
+    sinkhorn_knopp_triton = None
+
+logger = logging.get_logger(__name__)
+
+# What every kernel loads (fp64 stays on the torch path, which keeps it: gradcheck runs there).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_triton(kernel, *tensors: torch.Tensor) -> bool:
-    # Triton kernels only launch on GPUs; on CPU tensors (even with Triton installed) use the torch path.
-    return kernel is not None and all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
+def _unsupported_inputs(launcher, tensors: tuple[torch.Tensor, ...], cuda_only: bool) -> str | None:
+    """Why the kernels cannot take these tensors, or `None` when they can (the checks every kernel shares)."""
+    if launcher is None:
+        return "the Triton kernels are not installed (`pip install 'transformers-mhc[triton]'`)"
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"the inputs are on several devices {sorted(str(d) for d in devices)}"
+    (device,) = devices
+    if cuda_only and device.type != "cuda":
+        return f"{device.type} tensors"
+    if not launcher(device):
+        if device.type == "cpu":
+            return "CPU tensors (Triton runs them only under TRITON_INTERPRET=1, set before the kernels are imported)"
+        return f"{device.type} tensors in a process whose kernels were built for another device"
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if not dtypes <= set(TRITON_DTYPES):
+        return (
+            f"dtype {sorted(str(d) for d in dtypes - set(TRITON_DTYPES))} (the kernels take {TRITON_DTYPES})"
+        )
+    return None
+
+
+def use_triton_kernels(
+    family: str,
+    kernel_backend: str,
+    tensors: tuple[torch.Tensor, ...],
+    launcher=None,
+    unsupported: str | None = None,
+) -> bool:
+    """Whether the Triton kernels of `family` run on `tensors`: the single dispatch decision of every op.
+
+    Args:
+        family: the kernel family, for messages (`"mhc"`, `"decay"`).
+        kernel_backend: `"auto"`, `"torch"` or `"triton"` (the config field of both models).
+        tensors: the op's tensor inputs (device and dtype decide).
+        launcher: the family's `can_launch_on` (`None` when the kernels are not installed).
+        unsupported: a family-specific reason the kernels cannot take these inputs (head dim, chunk size), if any.
+
+    `"auto"` picks the kernels on CUDA tensors only (the interpreter, which runs them on CPU tensors, is for tests and
+    is slow) and logs its choice once per family and reason. Under `torch.compile` the kernels, which are not
+    registered ops, are not traced: `"auto"` takes the torch path and `"triton"` is an error.
+    """
+    if kernel_backend == "torch":
+        return False
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"`kernel_backend` must be one of {list(KERNEL_BACKENDS)}, got {kernel_backend!r}.")
+    if torch.compiler.is_compiling():
+        if kernel_backend == "triton":
+            raise RuntimeError(
+                f"`kernel_backend='triton'`: the {family} Triton kernels are not registered ops and cannot run "
+                "under torch.compile; use kernel_backend='auto' (torch path when compiling) or 'torch'."
+            )
+        return False
+    reason = _unsupported_inputs(launcher, tensors, cuda_only=kernel_backend == "auto") or unsupported
+    if reason is None:
+        if kernel_backend == "auto":
+            logger.info_once(f"kernel_backend='auto': the {family} ops run the Triton kernels.")
+        return True
+    if kernel_backend == "triton":
+        raise ValueError(
+            f"`kernel_backend='triton'` but the {family} Triton kernels cannot run here: {reason}. "
+            "Use kernel_backend='auto' to fall back to the torch path."
+        )
+    # A fallback on a GPU is worth a warning (it is slower than expected); on CPU it is the normal case.
+    log = logger.warning_once if any(t.is_cuda for t in tensors) else logger.info_once
+    log(f"kernel_backend='auto': the {family} ops run the torch path: {reason}.")
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,13 +259,15 @@ class SinkhornKnoppFunction(torch.autograd.Function):
         return sinkhorn_knopp_backward(logits, grad_out, ctx.num_iterations), None
 
 
-def sinkhorn_knopp(logits: torch.Tensor, num_iterations: int = 20) -> torch.Tensor:
+def sinkhorn_knopp(
+    logits: torch.Tensor, num_iterations: int = 20, kernel_backend: str = "auto"
+) -> torch.Tensor:
     """Projects `exp(logits)` (`[..., n, n]`) towards the doubly stochastic matrices (the Birkhoff polytope).
 
     Each iteration normalises the columns, then the rows, so the row sums of the result are exact and the column
-    sums converge. Computed in fp32 whatever the input dtype.
+    sums converge. Computed in fp32 whatever the input dtype. `kernel_backend`: see `use_triton_kernels`.
     """
-    if _use_triton(sinkhorn_knopp_triton, logits):
+    if use_triton_kernels("mhc", kernel_backend, (logits,), can_launch_on):
         return sinkhorn_knopp_triton(logits, num_iterations)
     return SinkhornKnoppFunction.apply(logits, num_iterations)
 
@@ -291,7 +371,12 @@ class _StreamGradSink:
 # Coefficients (paper §3, §5.1-5.2)
 # --------------------------------------------------------------------------------------------------
 def mhc_coefficients(
-    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static_bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    static_bias: torch.Tensor,
+    eps: float,
+    kernel_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mHC coefficients from the flattened streams.
 
@@ -301,12 +386,13 @@ def mhc_coefficients(
         alpha: `[3]` gates (pre, post, res).
         static_bias: `[n*n + 2n]` static logits, same order.
         eps: RMSNorm epsilon.
+        kernel_backend: `"auto"`, `"torch"` or `"triton"`, see `use_triton_kernels`.
 
     Returns:
         `h_pre = sigmoid(·)` `[N, n]`, `h_post = 2·sigmoid(·)` `[N, n]` and the `h_res` logits `[N, n, n]`
         (fed to `sinkhorn_knopp`). The RMSNorm division is applied after the matmul (§5.1): `(x φ) / r`.
     """
-    if _use_triton(mhc_coefficients_triton, x, phi):
+    if use_triton_kernels("mhc", kernel_backend, (x, phi, alpha, static_bias), can_launch_on):
         return mhc_coefficients_triton(x, phi, alpha, static_bias, eps)
     n = _num_streams(phi.shape[0])
     lead = x.shape[:-1]
@@ -391,17 +477,18 @@ def _num_streams(width: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Stream mixing (paper §5.4-5.5)
 # --------------------------------------------------------------------------------------------------
-def hc_pre_mix(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def hc_pre_mix(h_pre: torch.Tensor, x: torch.Tensor, kernel_backend: str = "auto") -> torch.Tensor:
     """`Σ_j h_pre_j · x_j`: the sub-layer input read from the streams.
 
     Args:
         h_pre: `[..., n]` (fp32; may broadcast over tokens).
         x: `[..., n, C]` streams.
+        kernel_backend: `"auto"`, `"torch"` or `"triton"`, see `use_triton_kernels`.
 
     Returns:
         `[..., C]` in `x.dtype`, accumulated in fp32.
     """
-    if _use_triton(hc_pre_mix_triton, h_pre, x):
+    if use_triton_kernels("mhc", kernel_backend, (h_pre, x), can_launch_on):
         return hc_pre_mix_triton(h_pre, x)
     lead, (n, width) = x.shape[:-2], x.shape[-2:]
     h_pre = h_pre.float().expand(*lead, n).reshape(-1, n)  # broadcast: expand's backward sums the gradient
@@ -434,7 +521,7 @@ class HCPreMixFunction(torch.autograd.Function):
 
 
 def hc_res_post_mix(
-    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor
+    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, kernel_backend: str = "auto"
 ) -> torch.Tensor:
     """`h_res · x + h_postᵀ · f`: the streams after a sub-layer, in one pass.
 
@@ -443,11 +530,12 @@ def hc_res_post_mix(
         x: `[..., n, C]` streams before the sub-layer.
         h_post: `[..., n]` weights writing the sub-layer output into each stream.
         f: `[..., C]` sub-layer output.
+        kernel_backend: `"auto"`, `"torch"` or `"triton"`, see `use_triton_kernels`.
 
     Returns:
         `[..., n, C]` in `x.dtype`, accumulated in fp32.
     """
-    if _use_triton(hc_res_post_mix_triton, h_res, x, h_post, f):
+    if use_triton_kernels("mhc", kernel_backend, (h_res, x, h_post, f), can_launch_on):
         return hc_res_post_mix_triton(h_res, x, h_post, f)
     lead, (n, width) = x.shape[:-2], x.shape[-2:]
     lead = torch.broadcast_shapes(lead, f.shape[:-1])
@@ -503,4 +591,5 @@ __all__ = [
     "sinkhorn_knopp",
     "sinkhorn_knopp_backward",
     "sinkhorn_knopp_deepseek_v4",
+    "use_triton_kernels",
 ]

@@ -107,6 +107,7 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DecayLinearAttnConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # read at call time: `config.kernel_backend` may be changed after building
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         self.hyper_connection = config.hyper_connection
@@ -165,12 +166,13 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """`hidden_streams`: `[batch, seq, num_streams, hidden]`; `attention_mask` maps a layer type to its mask."""
         attention_mask = attention_mask or {}
+        backend = self.config.kernel_backend
         # Token mixer
         if self.hyper_connection == "none":
             mixer_input = hidden_streams.squeeze(-2)
         else:
             h_pre, h_post, h_res = self.attn_hc(hidden_streams)
-            mixer_input = hc_pre_mix(h_pre, hidden_streams)
+            mixer_input = hc_pre_mix(h_pre, hidden_streams, kernel_backend=backend)
         with inside_sublayer():
             mixer_output = self._mix_tokens(
                 self.input_layernorm(mixer_input),
@@ -186,20 +188,24 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         if self.hyper_connection == "none":
             hidden_streams = hidden_streams + mixer_output.unsqueeze(-2)
         else:
-            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, mixer_output)
+            hidden_streams = hc_res_post_mix(
+                h_res, hidden_streams, h_post, mixer_output, kernel_backend=backend
+            )
 
         # MLP
         if self.hyper_connection == "none":
             mlp_input = hidden_streams.squeeze(-2)
         else:
             h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
-            mlp_input = hc_pre_mix(h_pre, hidden_streams)
+            mlp_input = hc_pre_mix(h_pre, hidden_streams, kernel_backend=backend)
         with inside_sublayer():
             mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
         if self.hyper_connection == "none":
             hidden_streams = hidden_streams + mlp_output.unsqueeze(-2)
         else:
-            hidden_streams = hc_res_post_mix(h_res, hidden_streams, h_post, mlp_output)
+            hidden_streams = hc_res_post_mix(
+                h_res, hidden_streams, h_post, mlp_output, kernel_backend=backend
+            )
         return hidden_streams
 
 

@@ -62,25 +62,31 @@ class _SublayerInput(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, norm: nn.Module, sink, h_pre: torch.Tensor, streams: torch.Tensor, *params: torch.Tensor
+        ctx,
+        norm: nn.Module,
+        sink,
+        kernel_backend: str,
+        h_pre: torch.Tensor,
+        streams: torch.Tensor,
+        *params: torch.Tensor,
     ):
-        ctx.norm, ctx.params = norm, params
+        ctx.norm, ctx.params, ctx.kernel_backend = norm, params, kernel_backend
         # The pre-mix recomputed in backward hands its stream gradient to the sub-layer's sink, under this slot.
         ctx.sink = _StreamGradSink.producer(streams.reshape(-1)) if sink is not None else None
         ctx.save_for_backward(h_pre, streams)
-        return norm(hc_pre_mix(h_pre, streams))
+        return norm(hc_pre_mix(h_pre, streams, kernel_backend=kernel_backend))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h_pre, streams = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         inputs = [h_pre.detach().requires_grad_(needs[0]), streams.detach().requires_grad_(needs[1])]
         sink = ctx.sink[0].collect(slot=ctx.sink[1]) if ctx.sink is not None else contextlib.nullcontext()
         with torch.enable_grad(), sink:
-            output = ctx.norm(hc_pre_mix(*inputs))
+            output = ctx.norm(hc_pre_mix(*inputs, kernel_backend=ctx.kernel_backend))
         wrt = [t for t, need in zip([*inputs, *ctx.params], needs) if need]
         grads = iter(torch.autograd.grad(output, wrt, grad, allow_unused=True) if wrt else ())
-        return (None, None, *(next(grads) if need else None for need in needs))
+        return (None, None, None, *(next(grads) if need else None for need in needs))
 
 
 def _new_sink() -> _StreamGradSink | None:
@@ -104,8 +110,9 @@ class _StreamRecomputation:
 
     active: list[_StreamRecomputation] = []
 
-    def __init__(self, first: torch.Tensor):
+    def __init__(self, first: torch.Tensor, kernel_backend: str = "auto"):
         self.first = first.detach()
+        self.kernel_backend = kernel_backend
         self.recipes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.storages: dict[int, tuple[int, weakref.ref, int]] = {}  # data_ptr -> (index, storage, offset)
         self.cache: dict[int, torch.Tensor] = {}
@@ -150,7 +157,8 @@ class _StreamRecomputation:
         stream = self.cache[start] if start else self.first
         with torch.no_grad():
             for k in range(start + 1, index + 1):
-                stream = hc_res_post_mix(self.recipes[k - 1][0], stream, *self.recipes[k - 1][1:])
+                h_res, h_post, f = self.recipes[k - 1]
+                stream = hc_res_post_mix(h_res, stream, h_post, f, kernel_backend=self.kernel_backend)
                 if self.pending.get(k, 0) > 0:
                     self.cache[k] = stream
         return stream
@@ -173,6 +181,7 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: MHCConfig, layer_idx: int):
         super().__init__()
+        self.config = config  # read at call time: `config.kernel_backend` may be changed after building
         self.hidden_size = config.hidden_size
         self.hyper_connection = config.hyper_connection
 
@@ -239,18 +248,18 @@ class MHCDecoderLayer(GradientCheckpointingLayer):
         self, norm: nn.Module, h_pre: torch.Tensor, streams: torch.Tensor, sink
     ) -> torch.Tensor:
         """`norm(Σ_j h_pre_j x_j)`; in training, recomputed in backward instead of being kept."""
+        backend = self.config.kernel_backend
         if (
             torch.is_grad_enabled()
             and (h_pre.requires_grad or streams.requires_grad)
             and not torch.compiler.is_compiling()  # compiled graphs make their own recomputation choices
             and not (self.gradient_checkpointing and self.training)  # the whole layer is recomputed already
         ):
-            return _SublayerInput.apply(norm, sink, h_pre, streams, *norm.parameters())
-        return norm(hc_pre_mix(h_pre, streams))
+            return _SublayerInput.apply(norm, sink, backend, h_pre, streams, *norm.parameters())
+        return norm(hc_pre_mix(h_pre, streams, kernel_backend=backend))
 
-    @staticmethod
-    def _write_streams(h_res, streams, h_post, f) -> torch.Tensor:
-        streams = hc_res_post_mix(h_res, streams, h_post, f)
+    def _write_streams(self, h_res, streams, h_post, f) -> torch.Tensor:
+        streams = hc_res_post_mix(h_res, streams, h_post, f, kernel_backend=self.config.kernel_backend)
         if _StreamRecomputation.active:
             _StreamRecomputation.active[-1].produced(streams, h_res, h_post, f)
         return streams
@@ -376,7 +385,11 @@ class MHCModel(MHCPreTrainedModel):
         )
         segment = self.config.recompute_interval if recompute else len(layers)
         for start in range(0, len(layers), max(segment, 1)):
-            context = _StreamRecomputation(hidden_streams)() if recompute else contextlib.nullcontext()
+            context = (
+                _StreamRecomputation(hidden_streams, self.config.kernel_backend)()
+                if recompute
+                else contextlib.nullcontext()
+            )
             with context:
                 for decoder_layer in layers[start : start + segment]:
                     hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)

@@ -11,13 +11,29 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Helpers shared by the mHC Triton kernels (torch and triton only: no package imports)."""
+"""Where the Triton kernels can launch, and the device guard every launcher uses (torch and triton only).
+
+`triton.jit` decides at decoration time whether a kernel is compiled for the GPU or interpreted on the host
+(`TRITON_INTERPRET=1`), so the mode is read once, when the kernel modules are imported.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import triton
+
+# The package requires triton >= 3.4, where `triton.knobs` exists (it replaced the environment reads of 3.2/3.3).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+def can_launch_on(device: torch.device) -> bool:
+    """Whether kernels compiled in this process run on tensors of `device`: CUDA tensors when compiled for the
+    GPU, CPU tensors under the interpreter (which only the tests and `benchmarks/gpu_check.py --cpu` use)."""
+    if device.type == "cuda":
+        return not INTERPRETED and torch.cuda.is_available()
+    return device.type == "cpu" and INTERPRETED
 
 
 def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -25,3 +41,6 @@ def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     `cuda:1` while `cuda:0` is current would otherwise be read from the wrong device. No-op on CPU tensors
     (interpreter)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+__all__ = ["INTERPRETED", "can_launch_on", "device_guard"]
