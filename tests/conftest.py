@@ -9,14 +9,24 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter. The flag is read when a
-# kernel is decorated, so it must be set before anything imports `transformers_mhc.kernels`.
+# kernel is decorated, so it must be set before anything imports `transformers_mhc.kernels`. With a GPU
+# the kernels are compiled and the kernel tests put their tensors on it (`KERNEL_DEVICE`).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+KERNEL_DEVICE = torch.device(
+    "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("TRANSFORMERS_MHC_SHARED", REPO_ROOT.parent / "shared"))
 STORIES260K = SHARED_DIR / "models" / "stories260k"
 DATA_DIR = SHARED_DIR / "data"
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels run in this process: the GPU, or the CPU through the interpreter."""
+    return KERNEL_DEVICE
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The decay linear-attention Triton kernels against the float64 token-by-token reference.
 
-Without a GPU the kernels run on CPU tensors under `TRITON_INTERPRET=1` (set in `conftest.py`). Every
+On a GPU the kernels run on CUDA tensors; without one on CPU tensors under `TRITON_INTERPRET=1` (both set up in
+`conftest.py`, `KERNEL_DEVICE`). Every
 comparison is kernel vs `naive_decay_linear_attn` (the literal recurrence in float64), for the outputs, the
 final state and the gradients of q, k, v, log_decay and the initial state. The interpreter is slow (the
 vector-decay kernels loop over 16-row sub-chunks), so shapes are small and the wider sweep is `slow`.
@@ -17,6 +18,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from conftest import KERNEL_DEVICE  # noqa: E402
 
 from transformers_mhc.kernels.decay_linear_attn import (  # noqa: E402
     chunk_decay_linear_attn_triton,
@@ -39,7 +42,7 @@ def _inputs(B, H, T, K, V, vector, decay="moderate", seed=0):
     lo, hi = DECAYS[decay]
     log_decay = lo + (hi - lo) * torch.rand((B, H, T, K) if vector else (B, H, T), generator=gen)
     h0 = torch.randn(B, H, K, V, generator=gen)
-    return q, k, v, log_decay, h0
+    return tuple(t.to(KERNEL_DEVICE) for t in (q, k, v, log_decay, h0))
 
 
 def _run(fn, inputs, dtype, with_state=True, **kwargs):
@@ -51,9 +54,10 @@ def _run(fn, inputs, dtype, with_state=True, **kwargs):
     leaves.append(h0.detach().to(state_dtype).clone().requires_grad_() if with_state else None)
     o, ht = fn(*leaves[:4], scale=SCALE, initial_state=leaves[4], output_final_state=with_state, **kwargs)
     gen = torch.Generator().manual_seed(1)
-    loss = (o.to(torch.float64) * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+    loss = (o.to(torch.float64) * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
     if with_state:
-        loss = loss + (ht.to(torch.float64) * torch.randn(ht.shape, generator=gen, dtype=torch.float64)).sum()
+        cotangent = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(ht.device)
+        loss = loss + (ht.to(torch.float64) * cotangent).sum()
     loss.backward()
     grads = [t.grad if t is not None else None for t in leaves]
     return o, ht, grads
@@ -174,7 +178,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="dtype"):
         fused_recurrent_decay_triton(q, k.double(), v, log_decay)
     with pytest.raises(ValueError, match="Dk=300"):
-        big = torch.zeros(1, 1, 8, 300)
+        big = torch.zeros(1, 1, 8, 300, device=KERNEL_DEVICE)
         chunk_decay_linear_attn_triton(big, big, v, log_decay)
 
 

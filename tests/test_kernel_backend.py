@@ -1,0 +1,257 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""`kernel_backend`: the dispatch decision, and both models run through the Triton kernels vs the torch path.
+
+The model-level comparisons run on `KERNEL_DEVICE` (`conftest.py`): CUDA tensors on a GPU, CPU tensors through
+the Triton interpreter otherwise (tiny shapes: the interpreter runs a 1-layer model's forward and backward in a few
+seconds). Between them they reach every kernel: the four mHC ops (coefficients, Sinkhorn, pre-mix, res/post mix),
+the chunked decay kernels (forward and backward, scalar and vector decay) and the fused recurrent decode kernel
+(`generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import KERNEL_DEVICE  # noqa: E402
+
+from transformers_mhc import (  # noqa: E402
+    DecayLinearAttnConfig,
+    DecayLinearAttnForCausalLM,
+    MHCConfig,
+    MHCForCausalLM,
+)
+from transformers_mhc.models import decay_ops, mhc_ops  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+VOCAB = 32
+TINY_MHC = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_streams=4,
+)
+# One head of dim 16, T = 20 tokens over chunks of 16 (not a multiple), mHC with n = 2 around the mixer and the MLP.
+TINY_DECAY = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    chunk_size=16,
+    hyper_connection="mhc",
+    num_streams=2,
+)
+FP32_RTOL = (
+    1e-4  # relative error of the loss, the logits and every parameter gradient (same math, other order)
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The config field and the dispatch decision
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config_class", [MHCConfig, DecayLinearAttnConfig])
+def test_config_field(config_class, tmp_path):
+    assert config_class().kernel_backend == "auto"
+    config = config_class(kernel_backend="torch")
+    config.save_pretrained(tmp_path)
+    assert config_class.from_pretrained(tmp_path).kernel_backend == "torch"
+    with pytest.raises(ValueError, match="kernel_backend"):
+        config_class(kernel_backend="cuda")
+
+
+def test_torch_backend_never_consults_the_kernels(monkeypatch):
+    """`"torch"` decides before anything else: it runs where the kernels are absent or broken."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was called")
+
+    monkeypatch.setattr(mhc_ops, "can_launch_on", boom)
+    monkeypatch.setattr(decay_ops, "can_launch_on", boom)
+    x = torch.randn(3, 2, 8, device=KERNEL_DEVICE)
+    mhc_ops.hc_pre_mix(torch.rand(3, 2, device=KERNEL_DEVICE), x, kernel_backend="torch")
+    q = torch.randn(1, 1, 4, 8, device=KERNEL_DEVICE)
+    decay_ops.chunk_decay_linear_attn(
+        q, q, q, -torch.rand(1, 1, 4, device=KERNEL_DEVICE), kernel_backend="torch"
+    )
+
+
+def test_auto_takes_the_torch_path_off_cuda(caplog):
+    """The interpreter is for tests only: `"auto"` sends only CUDA tensors to the kernels, and says why once."""
+    assert not mhc_ops.use_triton_kernels("mhc", "auto", (torch.randn(3, 2),), mhc_ops.can_launch_on)
+    x = torch.randn(3, 2, 8, device="meta")  # a device no other test uses: its message is logged here first
+    with caplog.at_level(logging.INFO, logger=mhc_ops.__name__):
+        for _ in range(3):
+            assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), mhc_ops.can_launch_on)
+    messages = [r.getMessage() for r in caplog.records if "meta tensors" in r.getMessage()]
+    assert len(messages) == 1 and "torch path" in messages[0]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "unsupported", "match"),
+    [
+        (lambda d: (torch.randn(2, 2, device=d, dtype=torch.float64),), None, "float64"),
+        (lambda d: (torch.randn(2, 2, device=d),), "key head dim 300 > 256", "head dim"),
+    ],
+    ids=["fp64", "unsupported"],
+)
+def test_triton_backend_says_why_it_cannot_run(tensors, unsupported, match):
+    if mhc_ops.can_launch_on is None or not mhc_ops.can_launch_on(KERNEL_DEVICE):
+        pytest.skip("the kernels cannot launch in this process")
+    with pytest.raises(ValueError, match=match):
+        mhc_ops.use_triton_kernels(
+            "mhc", "triton", tensors(KERNEL_DEVICE), mhc_ops.can_launch_on, unsupported
+        )
+    # `"auto"` falls back instead (on CPU tensors it would anyway).
+    assert not mhc_ops.use_triton_kernels(
+        "mhc", "auto", tensors(KERNEL_DEVICE), mhc_ops.can_launch_on, unsupported
+    )
+
+
+def test_decay_limits_fall_back():
+    """Head dims beyond the kernels' tile and chunk sizes they cannot tile: an error for `"triton"`."""
+    q = torch.randn(1, 1, 4, 300, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="key head dim 300"):
+        decay_ops.chunk_decay_linear_attn(
+            q, q, q, -torch.rand(1, 1, 4, device=KERNEL_DEVICE), kernel_backend="triton"
+        )
+    q = torch.randn(1, 1, 4, 8, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="chunk_size 8"):
+        decay_ops.chunk_decay_linear_attn(
+            q, q, q, -torch.rand(1, 1, 4, device=KERNEL_DEVICE), chunk_size=8, kernel_backend="triton"
+        )
+
+
+def test_not_under_compile(monkeypatch):
+    """The kernels are not registered ops: while compiling, `"auto"` takes the torch path, `"triton"` refuses."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(2, 2, device=KERNEL_DEVICE)
+    assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), mhc_ops.can_launch_on)
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        mhc_ops.use_triton_kernels("mhc", "triton", (x,), mhc_ops.can_launch_on)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="kernel_backend"):
+        mhc_ops.sinkhorn_knopp(torch.randn(2, 2), 3, kernel_backend="fast")
+
+
+# --------------------------------------------------------------------------------------------------
+# Both models: Triton kernels vs the torch path
+# --------------------------------------------------------------------------------------------------
+def _build(model_class, config_kwargs, kernel_backend, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = model_class.config_class(**config_kwargs, kernel_backend=kernel_backend)
+    return model_class(config).to(KERNEL_DEVICE, dtype).train()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _train_step(model, ids):
+    output = model(ids, labels=ids)
+    output.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return output.loss.detach(), output.logits.detach(), grads
+
+
+def _assert_same_step(model_class, config_kwargs, ids, rtol=FP32_RTOL, **triton_kwargs):
+    loss_t, logits_t, grads_t = _train_step(_build(model_class, config_kwargs, "torch"), ids)
+    loss_k, logits_k, grads_k = _train_step(
+        _build(model_class, {**config_kwargs, **triton_kwargs}, "triton"), ids
+    )
+    assert grads_k.keys() == grads_t.keys() and len(grads_t) > 0
+    assert _rel(loss_k, loss_t) <= rtol and _rel(logits_k, logits_t) <= rtol
+    errors = {name: _rel(grads_k[name], grads_t[name]) for name in grads_t}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, f"gradient of {worst}: relative error {errors[worst]:.2e}"
+
+
+def _ids(length: int, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1)).to(
+        KERNEL_DEVICE
+    )
+
+
+def test_mhc_model_triton_matches_torch():
+    """Every mHC kernel, forward and backward, inside the model (also its selective recomputation)."""
+    _assert_same_step(MHCForCausalLM, TINY_MHC, _ids(7), hc_recompute=True)
+
+
+@pytest.mark.parametrize("granularity", ["scalar", "vector"])
+def test_decay_model_triton_matches_torch(granularity):
+    """The chunked decay kernels and the mHC mix kernels; the vector case also with `hc_recompute`, whose
+    selective checkpointing used to reject the buffers the kernels fill ("cached tensor has been mutated")."""
+    config = {**TINY_DECAY, "decay_granularity": granularity}
+    _assert_same_step(
+        DecayLinearAttnForCausalLM, config, _ids(20, batch=1), hc_recompute=granularity == "vector"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config_kwargs"),
+    [(MHCForCausalLM, TINY_MHC), (DecayLinearAttnForCausalLM, {**TINY_DECAY, "decay_granularity": "vector"})],
+    ids=["mhc", "decay"],
+)
+def test_generate_triton_matches_torch(model_class, config_kwargs):
+    """Greedy decoding with the cache: the decay model's steps run the fused recurrent kernel (T = 1)."""
+    prompt = _ids(5, batch=1)
+    sequences = []
+    for backend in ("torch", "triton"):
+        model = _build(model_class, config_kwargs, backend).eval()
+        with torch.no_grad():
+            logits = model(prompt).logits
+            out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        sequences.append((logits, out))
+    (logits_t, out_t), (logits_k, out_k) = sequences
+    assert _rel(logits_k, logits_t) <= FP32_RTOL
+    assert torch.equal(out_k, out_t)
+
+
+# Slow through the interpreter (and the interpreter's bf16 is not the GPU's anyway): in the default run on a GPU only.
+_SLOW_ON_CPU = pytest.mark.slow if KERNEL_DEVICE.type == "cpu" else ()
+
+
+@pytest.mark.parametrize(
+    "model_class",
+    [
+        pytest.param(MHCForCausalLM, marks=_SLOW_ON_CPU),
+        pytest.param(DecayLinearAttnForCausalLM, marks=_SLOW_ON_CPU),
+    ],
+    ids=["mhc", "decay"],
+)
+def test_bf16_model_triton_close_to_torch(model_class):
+    """bf16 parameters and activations: the kernels round differently (and the interpreter widens bf16 products to
+    fp32), so the two paths agree to bf16 precision, not bit for bit."""
+    config_kwargs = (
+        TINY_MHC if model_class is MHCForCausalLM else {**TINY_DECAY, "decay_granularity": "vector"}
+    )
+    ids = _ids(20)
+    results = []
+    for backend in ("torch", "triton"):
+        results.append(_train_step(_build(model_class, config_kwargs, backend, torch.bfloat16), ids))
+    (loss_t, logits_t, grads_t), (loss_k, logits_k, grads_k) = results
+    assert _rel(logits_k, logits_t) <= 2e-2
+    grads = torch.cat([g.float().flatten() for g in grads_k.values()])
+    reference = torch.cat([grads_t[name].float().flatten() for name in grads_k])
+    assert torch.isfinite(grads).all() and _rel(grads, reference) <= 5e-2
