@@ -1,0 +1,504 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""One-call check of the Triton kernels on a GPU: correctness against the torch path, timings, both models.
+
+    python benchmarks/gpu_check.py benchmarks/results/gpu_check.json     # on a GPU: fits one 8-minute call (H100)
+    python benchmarks/gpu_check.py /tmp/gpu_check.json --cpu             # no GPU: interpreter, tiny shapes (CI)
+
+Sections, each case recorded as it finishes (the JSON is rewritten after every case, so a run stopped by a time
+limit still leaves what it measured):
+
+1. `kernels`: every kernel through its op's dispatch, `kernel_backend="triton"` vs `"torch"` on the same inputs:
+   forward outputs and the gradients of every input (relative error and a pass/fail against the tolerance of the
+   dtype), then forward + backward time of both paths, and of flash-linear-attention's `chunk_simple_gla` /
+   `chunk_gla` on the same decay shapes where `fla` is importable.
+2. `models`: both models' training step (forward + backward, loss and gradient agreement, time) and greedy
+   `generate` (tokens, wall time of one call), Triton vs torch; the MHC row also times the plain residual model (`num_streams=1`),
+   the baseline of the mHC paper's training overhead.
+
+On a GPU (the default when CUDA is available) timings are `triton.testing.do_bench` medians in ms. With `--cpu`
+(or without CUDA) the kernels run through the Triton interpreter on tiny shapes: that checks the script and the
+kernels' results, and its times say nothing about speed. The exit code is 1 when a comparison fails. The output
+never replaces an existing file unless `--overwrite` (it is written beside it as NAME-2.json, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+# Relative error allowed between the kernels and the torch path: fp32 is the same math in another order; bf16
+# products are rounded to bf16 in the kernels (tensor cores) and not in the torch path (fp32 compute).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes: one set for a GPU (sized for one H100 in well under 8 minutes), one tiny set for the interpreter
+# --------------------------------------------------------------------------------------------------
+def _shapes(cpu: bool) -> dict:
+    if cpu:
+        return {
+            "mhc": [dict(tokens=12, hidden=24, n=n, dtype=dtype) for n, dtype in [(4, "fp32"), (2, "bf16")]],
+            "decay": [
+                dict(B=1, H=2, T=20, K=16, V=24, vector=False, dtype="fp32", chunk_size=16),
+                dict(B=1, H=1, T=20, K=24, V=16, vector=True, dtype="bf16", chunk_size=16),
+            ],
+            "decode": [dict(B=1, H=2, K=16, V=16, vector=True, dtype="fp32")],
+            "models": dict(batch=1, seq=20, new_tokens=3, steps=1, dtype="fp32"),
+        }
+    decay = [
+        dict(B=4, H=16, T=2048, K=K, V=K, vector=vector, dtype="bf16", chunk_size=64)
+        for vector in (False, True)
+        for K in (64, 128, 256)
+    ]
+    # Correctness at awkward shapes: T not a multiple of the chunk, head dim 24 / 80, fp32.
+    decay += [
+        dict(B=2, H=4, T=1000, K=24, V=80, vector=vector, dtype="fp32", chunk_size=64)
+        for vector in (False, True)
+    ]
+    return {
+        "mhc": [
+            dict(tokens=8192, hidden=2048, n=n, dtype=dtype)
+            for n, dtype in [(4, "bf16"), (4, "fp32"), (6, "bf16")]
+        ],
+        "decay": decay,
+        "decode": [dict(B=8, H=16, K=128, V=128, vector=vector, dtype="bf16") for vector in (False, True)],
+        "models": dict(batch=4, seq=1024, new_tokens=64, steps=10, dtype="bf16"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+def _rel_error(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Max-abs relative error for fp32, RMS relative error for 16-bit inputs (fla's test practice)."""
+    x, ref = x.double(), ref.double()
+    if dtype == torch.float32:
+        return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def _fwd_bwd(fn: Callable, inputs: list[torch.Tensor], cotangents: list[torch.Tensor] | None = None):
+    outputs = fn(*inputs)
+    outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,)) if o is not None]
+    if cotangents is None:
+        cotangents = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+    return outputs, grads, cotangents
+
+
+def _timer(cuda: bool) -> Callable[[Callable[[], object]], float]:
+    if cuda:
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=10, rep=40))
+
+    def once(fn):  # the interpreter: one run, a figure of the script's cost only
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return once
+
+
+def _wall_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _compare(kernel: Callable, reference: Callable, inputs: list[torch.Tensor], dtype: torch.dtype) -> dict:
+    out_r, grads_r, cotangents = _fwd_bwd(reference, inputs)
+    out_k, grads_k, _ = _fwd_bwd(kernel, inputs, cotangents)
+    errors = {f"out{i}": _rel_error(a, b, dtype) for i, (a, b) in enumerate(zip(out_k, out_r))}
+    for i, (a, b) in enumerate(zip(grads_k, grads_r)):
+        if b is not None:
+            errors[f"grad{i}"] = _rel_error(a, b, dtype) if a is not None else float("inf")
+    finite = all(torch.isfinite(t).all() for t in [*out_k, *(g for g in grads_k if g is not None)])
+    worst = max(errors.values())
+    return {"max_rel_error": worst, "errors": errors, "ok": bool(finite and worst <= TOLERANCE[dtype])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+def _mhc_cases(shape: dict, device: torch.device):
+    from transformers_mhc.models import mhc_ops
+
+    tokens, hidden, n, dtype = shape["tokens"], shape["hidden"], shape["n"], DTYPES[shape["dtype"]]
+    width = n * n + 2 * n
+
+    def leaf(t):
+        return t.to(device).requires_grad_(True)
+
+    x = leaf(torch.randn(tokens, n, hidden, dtype=dtype))
+    cases = {
+        "sinkhorn_knopp": (
+            mhc_ops.sinkhorn_knopp,
+            [leaf(2 * torch.randn(tokens, n, n))],
+            {"num_iterations": 20},
+        ),
+        "mhc_coefficients": (
+            mhc_ops.mhc_coefficients,
+            [
+                leaf(torch.randn(tokens, n * hidden, dtype=dtype)),
+                leaf(torch.randn(width, n * hidden) / (n * hidden) ** 0.5),
+                leaf(torch.full((3,), 0.5)),
+                leaf(torch.randn(width)),
+            ],
+            {"eps": 1e-6},
+        ),
+        "hc_pre_mix": (mhc_ops.hc_pre_mix, [leaf(torch.rand(tokens, n)), x], {}),
+        "hc_res_post_mix": (
+            mhc_ops.hc_res_post_mix,
+            [
+                leaf(torch.rand(tokens, n, n)),
+                x,
+                leaf(torch.rand(tokens, n)),
+                leaf(torch.randn(tokens, hidden, dtype=dtype)),
+            ],
+            {},
+        ),
+    }
+    for name, (op, inputs, kwargs) in cases.items():
+        yield (
+            dict(kernel=name, **shape),
+            partial(op, **kwargs, kernel_backend="triton"),
+            partial(op, **kwargs, kernel_backend="torch"),
+            inputs,
+            dtype,
+            None,
+        )
+
+
+def _decay_inputs(shape: dict, device: torch.device, T: int):
+    B, H, K, V, dtype = shape["B"], shape["H"], shape["K"], shape["V"], DTYPES[shape["dtype"]]
+    q = torch.randn(B, H, T, K, dtype=dtype, device=device) * K**-0.5
+    k = torch.randn(B, H, T, K, dtype=dtype, device=device) * K**-0.5
+    v = torch.randn(B, H, T, V, dtype=dtype, device=device)
+    g_shape = (B, H, T, K) if shape["vector"] else (B, H, T)
+    log_decay = torch.nn.functional.logsigmoid(4 + torch.randn(g_shape, device=device))  # decays around 0.98
+    state = torch.randn(B, H, K, V, device=device)
+    return [t.requires_grad_(True) for t in (q, k, v, log_decay, state)]
+
+
+def _fla_chunk(vector: bool):
+    """`(q, k, v, g, h0) -> o` through flash-linear-attention in its [B, T, H, K] layout, or None."""
+    try:
+        if vector:
+            from fla.ops.gla import chunk_gla as op
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla as op
+    except Exception:  # noqa: BLE001 - fla is optional; any import failure means "not compared"
+        return None
+
+    def run(q, k, v, g, h0):
+        def to_bthk(t):
+            return t.transpose(1, 2).contiguous()
+
+        o, _ = op(
+            to_bthk(q),
+            to_bthk(k),
+            to_bthk(v),
+            to_bthk(g),
+            scale=1.0,
+            initial_state=h0,
+            output_final_state=True,
+        )
+        return o
+
+    return run
+
+
+def _decay_cases(shapes: dict, device: torch.device):
+    from transformers_mhc.models import decay_ops
+
+    for shape in shapes["decay"]:
+        inputs = _decay_inputs(shape, device, shape["T"])
+
+        def chunk(q, k, v, g, h0, backend, chunk_size=shape["chunk_size"]):
+            return decay_ops.chunk_decay_linear_attn(
+                q, k, v, g, 1.0, h0, True, chunk_size=chunk_size, kernel_backend=backend
+            )
+
+        kernel = "chunk_gla_vector" if shape["vector"] else "chunk_simple_scalar"
+        fla = _fla_chunk(shape["vector"]) if device.type == "cuda" else None
+        yield (
+            dict(kernel=kernel, **shape),
+            partial(chunk, backend="triton"),
+            partial(chunk, backend="torch"),
+            inputs,
+            DTYPES[shape["dtype"]],
+            fla,
+        )
+    for shape in shapes["decode"]:
+        inputs = _decay_inputs(shape, device, 1)
+
+        def step(q, k, v, g, h0, backend):
+            return decay_ops.recurrent_decay_linear_attn(q, k, v, g, 1.0, h0, True, kernel_backend=backend)
+
+        yield (
+            dict(kernel="recurrent_decode", T=1, **shape),
+            partial(step, backend="triton"),
+            partial(step, backend="torch"),
+            inputs,
+            DTYPES[shape["dtype"]],
+            None,
+        )
+
+
+def _check_kernel(case, timer) -> dict:
+    meta, kernel, reference, inputs, dtype, fla = case
+    row = dict(meta, **_compare(kernel, reference, inputs, dtype))
+    _, _, cotangents = _fwd_bwd(reference, inputs)
+    row["torch_ms"] = timer(lambda: _fwd_bwd(reference, inputs, cotangents))
+    row["triton_ms"] = timer(lambda: _fwd_bwd(kernel, inputs, cotangents))
+    row["speedup_vs_torch"] = row["torch_ms"] / row["triton_ms"]
+    if fla is not None:
+        try:
+            fla_cot = [torch.randn_like(o) for o in _fwd_bwd(fla, inputs)[0]]
+            row["fla_ms"] = timer(lambda: _fwd_bwd(fla, inputs, fla_cot))
+            row["throughput_vs_fla"] = row["fla_ms"] / row["triton_ms"]
+        except Exception as error:  # noqa: BLE001 - record, do not abort the check
+            row["fla_error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def _model_configs(cpu: bool) -> dict[str, tuple[type, dict]]:
+    from transformers_mhc import DecayLinearAttnForCausalLM, MHCForCausalLM
+
+    if cpu:
+        mhc = dict(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        decay = dict(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            chunk_size=16,
+            decay_granularity="vector",
+            hyper_connection="mhc",
+            num_streams=2,
+        )
+    else:
+        mhc = dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+        )
+        decay = dict(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            decay_granularity="vector",
+            hyper_connection="mhc",
+            num_streams=4,
+        )
+    return {
+        "mhc_n4": (MHCForCausalLM, dict(mhc, num_streams=4, hyper_connection="mhc")),
+        "plain_residual": (MHCForCausalLM, dict(mhc, num_streams=1, hyper_connection="none")),
+        "decay_vector_mhc_n4" if not cpu else "decay_vector_mhc_n2": (DecayLinearAttnForCausalLM, decay),
+    }
+
+
+def _run_model(model_class, config_kwargs: dict, backend: str, ids, setup: dict, timer, row: dict):
+    """One backend: its training step and greedy generation, timed into `row`; returns (loss, grads, tokens)."""
+    torch.manual_seed(0)
+    config = model_class.config_class(**config_kwargs, kernel_backend=backend)
+    model = model_class(config).to(ids.device, DTYPES[setup["dtype"]]).train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    loss = step().detach().float()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    row[f"{backend}_train_step_ms"] = timer(step)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    prompt = ids[:1, : min(32, ids.shape[1] // 2)]
+    generate = partial(
+        model.generate, prompt, max_new_tokens=setup["new_tokens"], do_sample=False, pad_token_id=0
+    )
+    with torch.no_grad():
+        tokens = generate()[0, prompt.shape[1] :]  # also the warm-up of the timed run
+        row[f"{backend}_generate_ms"] = _wall_ms(generate, ids.device)  # seconds long: one run is enough
+    return loss, grads, tokens
+
+
+def _check_model(name: str, model_class, config_kwargs: dict, setup: dict, device, timer) -> dict:
+    dtype = DTYPES[setup["dtype"]]
+    ids = torch.randint(0, config_kwargs["vocab_size"], (setup["batch"], setup["seq"]), device=device)
+    row: dict = {"model": name, **{k: setup[k] for k in ("batch", "seq", "dtype")}, "config": config_kwargs}
+    results = {
+        backend: _run_model(model_class, config_kwargs, backend, ids, setup, timer, row)
+        for backend in ("torch", "triton")
+    }
+    (loss_t, grads_t, tokens_t), (loss_k, grads_k, tokens_k) = results["torch"], results["triton"]
+    row["loss_rel_error"] = abs(loss_k - loss_t).item() / abs(loss_t).item()
+    row["grad_rel_error"] = ((grads_k - grads_t).norm() / grads_t.norm()).item()
+    row["generated_tokens_equal"] = int((tokens_t == tokens_k).sum())
+    row["generated_tokens"] = int(tokens_t.numel())
+    row["train_step_speedup"] = row["torch_train_step_ms"] / row["triton_train_step_ms"]
+    # fp32 must agree closely; bf16 rounds differently on the two paths, so a looser bound (greedy tokens may
+    # then diverge after a near-tie, which is recorded, not failed).
+    bound = TOLERANCE[dtype] if dtype == torch.float32 else 5e-2
+    row["ok"] = bool(
+        torch.isfinite(grads_k).all() and row["loss_rel_error"] <= bound and row["grad_rel_error"] <= bound
+    )
+    if dtype == torch.float32:
+        row["ok"] = row["ok"] and row["generated_tokens_equal"] == row["generated_tokens"]
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def _environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    for package in ("triton", "transformers", "fla"):
+        try:
+            env[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001
+            env[package] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = "cpu (Triton interpreter)"
+    return env
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    # Temporary file + rename: a run stopped mid-write never leaves a half-written result.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", type=Path, help="JSON file to write")
+    parser.add_argument(
+        "--cpu", action="store_true", help="run through the Triton interpreter on tiny shapes"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument(
+        "--budget-s", type=float, default=420.0, help="skip the remaining cases after this many seconds"
+    )
+    parser.add_argument("--skip-models", action="store_true", help="kernels only")
+    args = parser.parse_args(argv)
+
+    cpu = args.cpu or not torch.cuda.is_available()
+    if cpu:  # read when the kernels are decorated: before anything imports them
+        os.environ["TRITON_INTERPRET"] = "1"
+    from transformers_mhc.outputs import fresh_path
+
+    output = fresh_path(args.output, overwrite=args.overwrite)
+    device = torch.device("cpu" if cpu else "cuda")
+    timer = _timer(cuda=not cpu)
+    shapes = _shapes(cpu)
+    start = time.perf_counter()
+    payload = {
+        "benchmark": "gpu_check",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "mode": "cpu-interpreter" if cpu else "cuda",
+        "timing": "interpreter: one run, not a speed figure" if cpu else "triton.testing.do_bench median, ms",
+        "environment": _environment(device),
+        "kernels": [],
+        "models": [],
+        "skipped": [],
+        "failures": [],
+    }
+
+    def record(section: str, label: str, run: Callable[[], dict]) -> None:
+        if time.perf_counter() - start > args.budget_s:
+            payload["skipped"].append(label)
+            return
+        try:
+            row = run()
+        except Exception as error:  # noqa: BLE001 - one failing case must not hide the others
+            row = {"case": label, "ok": False, "error": f"{type(error).__name__}: {error}"}
+            row["traceback"] = traceback.format_exc(limit=6)
+        payload[section].append(row)
+        if not row.get("ok", False):
+            payload["failures"].append(label)
+        payload["elapsed_s"] = time.perf_counter() - start
+        _write_json(output, payload)
+        print(f"{'ok  ' if row.get('ok') else 'FAIL'} {label} {row.get('error', '')}", flush=True)
+
+    torch.manual_seed(0)
+    cases = [case for shape in shapes["mhc"] for case in _mhc_cases(shape, device)]
+    cases += list(_decay_cases(shapes, device))
+    for case in cases:
+        label = "kernel " + " ".join(f"{k}={v}" for k, v in case[0].items())
+        record("kernels", label, partial(_check_kernel, case, timer))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.skip_models:
+        for name, (model_class, config_kwargs) in _model_configs(cpu).items():
+            record(
+                "models",
+                f"model {name}",
+                partial(_check_model, name, model_class, config_kwargs, shapes["models"], device, timer),
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    plain = next((row for row in payload["models"] if row.get("model") == "plain_residual"), None)
+    mhc = next((row for row in payload["models"] if row.get("model") == "mhc_n4"), None)
+    if plain and mhc and "triton_train_step_ms" in plain and "triton_train_step_ms" in mhc:
+        # The mHC paper's figure: training-step time of n = 4 streams over the plain residual model.
+        payload["mhc_overhead_vs_plain"] = mhc["triton_train_step_ms"] / plain["triton_train_step_ms"]
+    payload["elapsed_s"] = time.perf_counter() - start
+    payload["all_ok"] = not payload["failures"]
+    _write_json(output, payload)
+    print(f"wrote {output} in {payload['elapsed_s']:.0f} s; failures: {payload['failures'] or 'none'}")
+    return 0 if payload["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""`benchmarks/gpu_check.py` keeps working: its `--cpu` mode (the Triton interpreter, tiny shapes) end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+KERNELS = {
+    "sinkhorn_knopp",
+    "mhc_coefficients",
+    "hc_pre_mix",
+    "hc_res_post_mix",
+    "chunk_simple_scalar",
+    "chunk_gla_vector",
+    "recurrent_decode",
+}
+
+
+@pytest.mark.triton
+def test_gpu_check_cpu_mode(tmp_path):
+    existing = tmp_path / "gpu_check.json"
+    existing.write_text("{}\n")  # a committed result: never replaced without --overwrite
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(existing), "--cpu"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert existing.read_text() == "{}\n"
+    report = json.loads((tmp_path / "gpu_check-2.json").read_text())
+
+    assert report["mode"] == "cpu-interpreter" and report["all_ok"] and not report["failures"]
+    assert not report["skipped"]
+    assert {row["kernel"] for row in report["kernels"]} == KERNELS
+    for row in report["kernels"]:
+        assert row["ok"] and row["max_rel_error"] <= 2e-2, row
+        assert {"out0", "grad0"} <= set(row["errors"])
+        assert row["torch_ms"] > 0 and row["triton_ms"] > 0
+    assert {row["model"] for row in report["models"]} == {"mhc_n4", "plain_residual", "decay_vector_mhc_n2"}
+    for row in report["models"]:
+        assert row["ok"] and row["generated_tokens_equal"] == row["generated_tokens"] > 0, row
+        assert row["grad_rel_error"] <= 1e-4
+    assert report["mhc_overhead_vs_plain"] > 0
