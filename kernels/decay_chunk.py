@@ -46,8 +46,15 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .runtime import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Floor of a log decay (natural log). The kernels take differences of within-chunk cumulative sums, so a -inf
+# (a saturated gate) would make -inf - -inf = NaN; at the floor the decay is exp(-64) ~ 1.6e-28, far below fp32's
+# resolution of anything it is added to, and the sums stay small enough to keep their precision.
+LOG_DECAY_FLOOR = tl.constexpr(-64.0)
 # Rows per fp32 sub-chunk for vector decay (the smallest tile `tl.dot` accepts).
 SUB_CHUNK = 16
 # Largest key head dimension: the key axis is held in one tile.
@@ -173,7 +180,7 @@ def _chunk_cumsum_kernel(a_ptr, g_ptr, T, GK: tl.constexpr, BT: tl.constexpr, GB
     base = i_bh.to(tl.int64) * T * GK
     rows = i_t * BT + tl.arange(0, BT)
     gc = tl.arange(0, GBK)
-    b_a = _load_rows(a_ptr + base, rows, gc, T, GK).to(tl.float32)
+    b_a = tl.maximum(_load_rows(a_ptr + base, rows, gc, T, GK).to(tl.float32), LOG_DECAY_FLOOR)
     # Summing in natural-log units and scaling once keeps a single rounding of the log2 conversion.
     _store_rows(g_ptr + base, tl.cumsum(b_a, axis=0) * LOG2E, rows, gc, T, GK)
 
@@ -924,27 +931,34 @@ def chunk_decay_bwd(
 
 
 class ChunkDecayLinearAttnFunction(torch.autograd.Function):
-    """Autograd wrapper: Triton forward, Triton backward (states recomputed, not saved)."""
+    """Autograd wrapper: Triton forward, Triton backward (states recomputed, not saved).
+
+    Launches run under the inputs' device (`device_guard`): Triton launches on the current device, so inputs on
+    `cuda:1` with `cuda:0` current (`device_map="auto"`) would otherwise be read from the wrong GPU.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size):
         q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
         if initial_state is not None:
             initial_state = initial_state.contiguous()
-        o, ht = chunk_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)
+        with device_guard(q):
+            o, ht = chunk_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)
         ctx.save_for_backward(q, k, v, log_decay, initial_state)
         ctx.scale = scale
         ctx.chunk_size = chunk_size
         return o, ht
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
         q, k, v, log_decay, initial_state = ctx.saved_tensors
         do = do.to(q.dtype).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
-            q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size
-        )
+        with device_guard(q):
+            dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
+                q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size
+            )
         return dq, dk, dv, dlog_decay, None, dh0, None, None
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .decay_chunk import MAX_BLOCK_V, check_decay_inputs, chunk_decay_bwd
+from .runtime import device_guard
 
 
 @triton.jit
@@ -118,19 +120,22 @@ class FusedRecurrentDecayFunction(torch.autograd.Function):
         q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
         if initial_state is not None:
             initial_state = initial_state.contiguous()
-        o, ht = fused_recurrent_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state)
+        with device_guard(q):  # Triton launches on the current device (see `ChunkDecayLinearAttnFunction`)
+            o, ht = fused_recurrent_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, log_decay, initial_state)
         ctx.scale = scale
         return o, ht
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, do, dht):
         q, k, v, log_decay, initial_state = ctx.saved_tensors
         do = do.to(q.dtype).contiguous()
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
-            q, k, v, log_decay, ctx.scale, initial_state, do, dht, chunk_size=64
-        )
+        with device_guard(q):
+            dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
+                q, k, v, log_decay, ctx.scale, initial_state, do, dht, chunk_size=64
+            )
         return dq, dk, dv, dlog_decay, None, dh0, None
 
 

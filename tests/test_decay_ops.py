@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +172,24 @@ def test_mixed_weak_and_strong_decay_in_one_chunk():
     out, _ = chunk_decay_linear_attn(q, k, v, log_decay, initial_state=state0)
     ref, _ = naive_decay_linear_attn(q, k, v, log_decay, initial_state=state0)
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_minus_inf_log_decay_resets_the_state(vector):
+    """A saturated gate (log λ = -inf) is a decay of exactly 0: the vector form's local sums used to meet
+    0 * -inf = NaN; the chunked forms now match the recurrence, with finite gradients."""
+    tensors = make_inputs(length=40, vector=vector)
+    tensors[3][:, :, 5] = float("-inf")
+    if vector:  # one head, some channels of token 21
+        tensors[3][:, 1, 21, :3] = float("-inf")
+    ref_out, ref_state, ref_grads = run_with_grads(naive_decay_linear_attn, tensors)
+    for fn in (partial(chunk_decay_linear_attn, chunk_size=16), recurrent_decay_linear_attn):
+        out, state, grads = run_with_grads(fn, tensors)
+        assert_close(out, ref_out)
+        assert_close(state, ref_state)
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert torch.isfinite(grad).all()
+            assert_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])

@@ -121,6 +121,42 @@ def test_chunk_extreme_decays(decay, vector):
     _check(got, _reference(inputs), _max_rel, FP32_TOL)
 
 
+# Head dims of real models (RoPE doubles the key dim: 128 + RoPE is 256). Minutes through the interpreter, so in the
+# default run on a GPU only.
+_SLOW_ON_CPU = pytest.mark.slow if KERNEL_DEVICE.type == "cpu" else ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize(
+    ("K", "V"),
+    [pytest.param(K, V, marks=_SLOW_ON_CPU) for K, V in [(80, 80), (128, 128), (256, 64), (256, 256)]],
+)
+def test_chunk_large_head_dims(K, V, vector, dtype):
+    inputs = _inputs(1, 2, 100, K, V, vector)
+    got = _run(chunk_decay_linear_attn_triton, inputs, dtype, chunk_size=64)
+    if dtype == torch.float32:
+        _check(got, _reference(inputs), _max_rel, FP32_TOL)
+    else:
+        _check(got, _reference(inputs, dtype), _rms_rel, BF16_TOL)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_minus_inf_log_decay(vector):
+    """A saturated gate (log decay -inf) resets the state: the chunk kernels take it at a finite floor, so their
+    differences of cumulative sums never meet -inf - -inf (NaN in the interpreter, silently 0 on a GPU)."""
+    q, k, v, log_decay, h0 = _inputs(1, 2, 40, 16, 16, vector)
+    log_decay[:, :, 5] = float("-inf")  # every channel of token 5
+    if vector:  # one head, some channels of token 21
+        log_decay[:, 1, 21, :3] = float("-inf")
+    inputs = (q, k, v, log_decay, h0)
+    for fn, kwargs in [
+        (chunk_decay_linear_attn_triton, {"chunk_size": 16}),
+        (fused_recurrent_decay_triton, {}),
+    ]:
+        _check(_run(fn, inputs, torch.float32, **kwargs), _reference(inputs), _max_rel, FP32_TOL)
+
+
 def test_chunk_without_states():
     """No initial state, no final state: the state gradient is None, the rest still matches."""
     inputs = _inputs(2, 1, 33, 16, 32, vector=True)

@@ -213,11 +213,17 @@ def _to_chunks(x: Tensor, chunk_size: int, pad: int) -> Tensor:
     return x.reshape(batch, heads, length // chunk_size, chunk_size, *x.shape[3:])
 
 
+# A log decay of -inf (a saturated gate) is taken as this floor: its decay exp(-1e4) is exactly 0 in fp32 and fp64
+# alike, and the vector form's local sums (a 0/1 matrix times the log decays) would otherwise meet 0 * -inf = NaN.
+_LOG_DECAY_FLOOR = -1e4
+
+
 def _chunk_prepare(q, k, v, log_decay, chunk_size, extra=()):
     """Casts to the compute dtype, pads and splits into chunks. Returns chunked tensors and the padding."""
     dtype = _compute_dtype(q.dtype)
     length = q.shape[2]
     pad = (-length) % chunk_size
+    log_decay = log_decay.clamp_min(_LOG_DECAY_FLOOR)
     tensors = [t.to(dtype) for t in (q, k, v, log_decay, *extra)]
     return [_to_chunks(t, chunk_size, pad) for t in tensors], pad
 
