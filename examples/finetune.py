@@ -115,6 +115,12 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits.float()
 
 
+def default_threads() -> int:
+    """The cores this process may use, shared evenly by the processes torchrun starts on this machine."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (converted MHC, or any causal LM)")
@@ -144,6 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: the usable cores divided by the processes on this machine)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="write into an --output folder that already has files in it"
     )
     args = parser.parse_args(argv)
@@ -164,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output)
     lr = args.lr if args.lr is not None else (2e-3 if args.mode == "lora" else 5e-4)
     set_seed(args.seed)
+    # OpenMP's default (every core, per process) oversubscribes a busy machine or several torchrun processes;
+    # measured: 20 LoRA steps 2.4x slower on a loaded 2-core machine.
+    torch.set_num_threads(args.threads or default_threads())
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

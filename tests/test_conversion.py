@@ -25,12 +25,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from transformers_mhc import MHCForCausalLM, cli
+from transformers_mhc import MHCForCausalLM
 from transformers_mhc.conversion import ConversionError, convert_llama_to_mhc
 from transformers_mhc.conversion import cli as convert_cli
 from transformers_mhc.conversion import convert as convert_module
 from transformers_mhc.data import load_text
 from transformers_mhc.models.hyper_connection import HyperConnection
+from transformers_mhc_cli import COMMANDS
 
 TINY = dict(
     vocab_size=101,
@@ -346,7 +347,7 @@ def run_convert_cli(argv: list[str]) -> int:
 
 
 def test_cli_convert(tmp_path, capsys):
-    assert "transformers_mhc.conversion.cli" in cli._SUBCOMMAND_MODULES
+    assert COMMANDS["convert"][0] == "transformers_mhc.conversion.cli"
     source = save_tiny("llama-tied", tmp_path / "llama")
     output = tmp_path / "out"
     argv = ["convert", str(source), str(output), "--num-streams", "2", "--res-logit-gap", "1.0"]

@@ -33,9 +33,9 @@ from transformers_mhc import (
     MHCConfig,
     MHCForCausalLM,
     MHCModel,
-    cli,
 )
 from transformers_mhc.hub import add_subparser, build_model_card, complete_auto_map, push_to_hub, save_for_hub
+from transformers_mhc_cli import COMMANDS
 
 REPO_ID = "tester/tiny-mhc"
 TOKEN = "dummy-token"
@@ -642,7 +642,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_cli_registers_the_hub_subcommands():
-    assert "transformers_mhc.hub" in cli._SUBCOMMAND_MODULES
+    assert COMMANDS["push"][0] == "transformers_mhc.hub"
 
 
 def test_cli_push_with_lm_eval_results(local_hub, tmp_path, capsys):

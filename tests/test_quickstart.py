@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from transformers_mhc import MHCForCausalLM, cli, quickstart
+from transformers_mhc import MHCForCausalLM, quickstart
 from transformers_mhc.data import load_text
+from transformers_mhc_cli import COMMANDS
 
 
 def run_quickstart_cli(argv: list[str]) -> int:
@@ -22,7 +23,7 @@ def run_quickstart_cli(argv: list[str]) -> int:
 
 
 def test_quickstart_default_end_to_end(tmp_path, capsys):
-    assert "transformers_mhc.quickstart" in cli._SUBCOMMAND_MODULES
+    assert COMMANDS["quickstart"][0] == "transformers_mhc.quickstart"
     output = tmp_path / "qs"
     assert run_quickstart_cli(["quickstart", "--output", str(output)]) == 0
     captured = capsys.readouterr()

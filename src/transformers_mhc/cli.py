@@ -2,52 +2,40 @@
 
 Each feature module contributes one sub-command through an ``add_subparser(subparsers)``
 function that registers its arguments and sets ``func`` (called with the parsed namespace,
-returning an exit code). Add a module to ``_SUBCOMMAND_MODULES`` to expose it here.
+returning an exit code). Add it to ``COMMANDS`` in ``transformers_mhc_cli`` (the light entry point that answers
+``--help`` and ``--version`` without importing torch) to expose it here.
 
 A user mistake (a bad argument, a missing or unwritable path, an unreachable Hub endpoint) ends with one
 ``transformers-mhc COMMAND: error: ...`` line on stderr and a non-zero exit code; ``--debug`` (or ``-v`` /
-``--verbose``), anywhere on the command line, shows the traceback instead.
+``--verbose``), anywhere on the command line, shows the traceback and sets transformers' logging to INFO;
+``-q`` / ``--quiet`` to errors only.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
-from typing import NoReturn
 
-# module path -> imported lazily so that `transformers-mhc --help` stays fast.
-_SUBCOMMAND_MODULES: list[str] = [
-    "transformers_mhc.quickstart",
-    "transformers_mhc.conversion.cli",
-    "transformers_mhc.evaluation.suite",
-    "transformers_mhc.evaluation.synthetic",
-    "transformers_mhc.hub",
-]
-DEBUG_FLAGS = ("--debug", "-v", "--verbose")
+from transformers.utils import logging
+
+from transformers_mhc_cli import COMMANDS, DEBUG_FLAGS, DESCRIPTION, QUIET_FLAGS, ArgumentParser, version
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """Reports a bad argument in one line (argparse prints the usage first) and exits with code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="transformers-mhc",
-        description="Manifold-Constrained Hyper-Connections and decay linear attention for 🤗 transformers.",
-    )
+def build_parser(command: str | None = None) -> ArgumentParser:
+    """The parser of every sub-command, or only of `command` (its module alone is imported: faster)."""
+    parser = ArgumentParser(prog="transformers-mhc", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"transformers-mhc {version()}")
     parser.add_argument(
         *DEBUG_FLAGS,
         dest="debug",
         action="store_true",
-        help="show tracebacks (accepted anywhere on the line)",
+        help="log more, show tracebacks (anywhere on the line)",
     )
+    parser.add_argument(*QUIET_FLAGS, dest="quiet", action="store_true", help="log errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _SUBCOMMAND_MODULES:
+    modules = [COMMANDS[command][0]] if command in COMMANDS else [module for module, _ in COMMANDS.values()]
+    for module_name in dict.fromkeys(modules):  # `push` and `card` share a module
         importlib.import_module(module_name).add_subparser(subparsers)
     return parser
 
@@ -56,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Taken out before parsing so that `transformers-mhc convert A B --debug` works like `--debug convert A B`.
     debug = any(arg in DEBUG_FLAGS for arg in argv)
-    argv = [arg for arg in argv if arg not in DEBUG_FLAGS]
-    parser = build_parser()
+    quiet = any(arg in QUIET_FLAGS for arg in argv) and not debug
+    argv = [arg for arg in argv if arg not in DEBUG_FLAGS + QUIET_FLAGS]
+    # One logging path: transformers' (the package's modules log through `transformers.utils.logging`).
+    if debug:
+        logging.set_verbosity_info()
+    elif quiet:
+        logging.set_verbosity_error()
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
-    args.debug = debug
+    args.debug, args.quiet = debug, quiet
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
