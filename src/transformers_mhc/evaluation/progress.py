@@ -124,10 +124,10 @@ def _forward_lengths(lm: Any, requests: Sequence[Any]) -> list[int]:
     continuation that differs only in its last token, e.g. the choices " A", " B" of MMLU)."""
     contexts = _token_ids(lm, [req.args[0] for req in requests])
     continuations = _token_ids(lm, [req.args[1] for req in requests])
-    seen: set[tuple[int, ...]] = set()
+    seen: set[int] = set()
     lengths = []
     for context, continuation in zip(contexts, continuations):
-        key = tuple(context + continuation[:-1])
+        key = hash(tuple(context + continuation[:-1]))  # a hash: full MMLU holds millions of tokens
         if key in seen:
             continue
         seen.add(key)
