@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import device_guard
+from .runtime import INTERPRETED, device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Floor of a log decay (natural log). The kernels take differences of within-chunk cumulative sums, so a -inf
@@ -758,7 +758,7 @@ def _matmul_dtype(dtype: torch.dtype) -> tl.dtype:
     multiplies the raw bits of bf16 tiles. The operands are already rounded to bf16 there, so the widened
     product equals the GPU's bf16 x bf16 -> fp32 product up to summation order.
     """
-    if dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
+    if dtype == torch.bfloat16 and INTERPRETED:
         return tl.float32
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 

@@ -24,7 +24,10 @@ import contextlib
 import torch
 import triton
 
-# The package requires triton >= 3.4, where `triton.knobs` exists (it replaced the environment reads of 3.2/3.3).
+# The kernels need triton >= 3.4 (`triton.knobs`, and the language features they use). A CUDA build of torch brings
+# its own triton, which may be older: an ImportError then makes the ops take the torch path, as without triton.
+if not hasattr(triton, "knobs"):
+    raise ImportError(f"transformers-mhc's Triton kernels need triton >= 3.4, found {triton.__version__}")
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 

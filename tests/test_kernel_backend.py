@@ -23,6 +23,9 @@ the chunked decay kernels (forward and backward, scalar and vector decay) and th
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +258,26 @@ def test_bf16_model_triton_close_to_torch(model_class):
     grads = torch.cat([g.float().flatten() for g in grads_k.values()])
     reference = torch.cat([grads_t[name].float().flatten() for name in grads_k])
     assert torch.isfinite(grads).all() and _rel(grads, reference) <= 5e-2
+
+
+def test_triton_older_than_3_4_takes_the_torch_path():
+    """A CUDA torch may bring a triton without `triton.knobs` (< 3.4): the kernels then count as absent."""
+    code = """
+import triton
+del triton.knobs  # what triton 3.2 / 3.3 look like to the kernels
+import torch
+from transformers_mhc.models import decay_ops, mhc_ops
+assert mhc_ops.can_launch_on is None and decay_ops.can_launch_on is None
+x = torch.randn(3, 2, 8)
+mhc_ops.hc_pre_mix(torch.rand(3, 2), x)  # "auto": the torch path
+try:
+    mhc_ops.hc_pre_mix(torch.rand(3, 2), x, kernel_backend="triton")
+except ValueError as error:
+    assert "triton >= 3.4" in str(error), error
+    print("ok")
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

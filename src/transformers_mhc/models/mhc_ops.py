@@ -59,7 +59,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _unsupported_inputs(launcher, tensors: tuple[torch.Tensor, ...], cuda_only: bool) -> str | None:
     """Why the kernels cannot take these tensors, or `None` when they can (the checks every kernel shares)."""
     if launcher is None:
-        return "the Triton kernels are not installed (`pip install 'transformers-mhc[triton]'`)"
+        return "the Triton kernels cannot be imported (triton >= 3.4 missing: `pip install 'transformers-mhc[triton]'`)"
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         return f"the inputs are on several devices {sorted(str(d) for d in devices)}"
