@@ -317,7 +317,7 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch, length = inputs_embeds.shape[:2]
+        length = inputs_embeds.shape[1]
 
         if isinstance(cache, StaticCache):
             raise ValueError(
@@ -395,7 +395,8 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
         for start in range(0, len(layers), segment):
             segment_layers = layers[start : start + segment]
             if recompute:
-                # mHC's selective recomputation, exactly as in `MHCModel`.
+                # Selective recomputation (`hc_recompute`, mHC paper §5.6): the sub-layers' activations are kept,
+                # the hyper-connection arithmetic between them is recomputed in backward.
                 hidden_streams = checkpoint(
                     run_layers,
                     segment_layers,
