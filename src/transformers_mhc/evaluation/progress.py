@@ -180,13 +180,14 @@ def measure_throughput(model: Any, *, batch_size: int, length: int, device: Any,
         return torch.randint(1, max(vocab, 2), (batch_size, n), generator=generator).to(device)
 
     def timed(fn, repeats: int = 1) -> float:
-        # The best of a few runs: other processes on a shared machine only ever add time.
-        best = math.inf
+        # The median of a few runs: on a shared machine the run will see the same contention as the
+        # warm-up, so neither the luckiest nor the unluckiest call is the best predictor.
+        runs = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - start)
-        return best
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs)
 
     def generate(prompt: torch.Tensor, steps: int) -> None:
         model.generate(
@@ -201,7 +202,7 @@ def measure_throughput(model: Any, *, batch_size: int, length: int, device: Any,
     with torch.inference_mode():
         inputs = {n: ids(n) for n in lengths}
         model(input_ids=inputs[WARMUP_SHORT])  # first call: allocation, kernel selection
-        points = [(n, timed(lambda n=n: model(input_ids=inputs[n]), repeats=2)) for n in lengths]
+        points = [(n, timed(lambda n=n: model(input_ids=inputs[n]), repeats=3)) for n in lengths]
         forward = _fit_forward(points)
         decode_fit = None
         if decode:
