@@ -148,7 +148,7 @@ def evaluate_model(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from transformers_mhc.evaluation.progress import notices_once
+    from transformers_mhc.evaluation.progress import format_seconds, notices_once
 
     files = {
         task: ({None: spec} if isinstance(spec, (str, os.PathLike)) else dict(spec))
@@ -191,9 +191,14 @@ def evaluate_model(
     if planned and lm.mhc_plan is not None:
         plan = {**lm.mhc_plan.as_dict(), "elapsed_s": time.perf_counter() - lm.mhc_started}
         if verbose:
-            estimate = plan["estimated_s"]
-            said = f" (estimated {estimate:.0f} s)" if estimate is not None else ""
-            print(f"lm-eval: finished in {plan['elapsed_s']:.0f} s{said}", file=sys.stderr, flush=True)
+            low, high = plan["estimated_s"], plan["estimated_max_s"]
+            said = ""
+            if low is not None:
+                said = f" (estimated {format_seconds(low)}"
+                said += f" to {format_seconds(high)})" if plan["max_new_tokens"] else ")"
+            print(
+                f"lm-eval: finished in {format_seconds(plan['elapsed_s'])}{said}", file=sys.stderr, flush=True
+            )
     samples = results.pop("samples", None)
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
