@@ -144,6 +144,21 @@ def test_decay_limits_fall_back():
         )
 
 
+def test_mhc_stream_limit():
+    """More streams than the kernels are compiled and tested for: `"triton"` says so (`"auto"` falls back)."""
+    n = mhc_ops.MAX_TRITON_STREAMS + 1
+    x = torch.randn(2, n, 8, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=f"{n} streams"):
+        mhc_ops.hc_pre_mix(torch.rand(2, n, device=KERNEL_DEVICE), x, kernel_backend="triton")
+
+
+def test_decay_grid_limit():
+    """Batch x heads beyond CUDA's 65535 on the kernels' grid axis: `"triton"` says so (`"auto"` falls back)."""
+    q = torch.zeros(65536, 1, 1, 16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="65535"):
+        decay_ops.chunk_decay_linear_attn(q, q, q, q[..., 0], kernel_backend="triton")
+
+
 def test_not_under_compile(monkeypatch):
     """The kernels are not registered ops: while compiling, `"auto"` takes the torch path, `"triton"` refuses."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

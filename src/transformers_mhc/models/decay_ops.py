@@ -93,6 +93,10 @@ def _use_decay_kernels(
         unsupported = f"q, k, v of different dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     elif q.shape[2] == 0:
         unsupported = "an empty sequence"
+    elif (
+        q.shape[0] * q.shape[1] > 65535
+    ):  # the kernels put batch x heads on a grid axis that CUDA caps at 65535
+        unsupported = f"batch x heads = {q.shape[0] * q.shape[1]} > 65535"
     elif chunk_size is not None and (chunk_size < SUB_CHUNK or chunk_size & (chunk_size - 1)):
         unsupported = f"chunk_size {chunk_size} (the kernels need a power of two >= {SUB_CHUNK})"
     return use_triton_kernels("decay", kernel_backend, tensors, can_launch_on, unsupported)

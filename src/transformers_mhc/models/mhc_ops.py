@@ -54,6 +54,12 @@ logger = logging.get_logger(__name__)
 
 # What every kernel loads (fp64 stays on the torch path, which keeps it: gradcheck runs there).
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The most streams the mHC kernels are compiled and tested for (their tiles grow with n² + 2n).
+MAX_TRITON_STREAMS = 16
+
+
+def _mhc_unsupported(n: int) -> str | None:
+    return f"{n} streams > {MAX_TRITON_STREAMS}" if n > MAX_TRITON_STREAMS else None
 
 
 def _unsupported_inputs(launcher, tensors: tuple[torch.Tensor, ...], cuda_only: bool) -> str | None:
@@ -267,7 +273,9 @@ def sinkhorn_knopp(
     Each iteration normalises the columns, then the rows, so the row sums of the result are exact and the column
     sums converge. Computed in fp32 whatever the input dtype. `kernel_backend`: see `use_triton_kernels`.
     """
-    if use_triton_kernels("mhc", kernel_backend, (logits,), can_launch_on):
+    if use_triton_kernels(
+        "mhc", kernel_backend, (logits,), can_launch_on, _mhc_unsupported(logits.shape[-1])
+    ):
         return sinkhorn_knopp_triton(logits, num_iterations)
     return SinkhornKnoppFunction.apply(logits, num_iterations)
 
@@ -392,9 +400,11 @@ def mhc_coefficients(
         `h_pre = sigmoid(·)` `[N, n]`, `h_post = 2·sigmoid(·)` `[N, n]` and the `h_res` logits `[N, n, n]`
         (fed to `sinkhorn_knopp`). The RMSNorm division is applied after the matmul (§5.1): `(x φ) / r`.
     """
-    if use_triton_kernels("mhc", kernel_backend, (x, phi, alpha, static_bias), can_launch_on):
-        return mhc_coefficients_triton(x, phi, alpha, static_bias, eps)
     n = _num_streams(phi.shape[0])
+    if use_triton_kernels(
+        "mhc", kernel_backend, (x, phi, alpha, static_bias), can_launch_on, _mhc_unsupported(n)
+    ):
+        return mhc_coefficients_triton(x, phi, alpha, static_bias, eps)
     lead = x.shape[:-1]
     h_pre, h_post, res = MHCCoefficientsFunction.apply(
         x.reshape(-1, x.shape[-1]), phi, alpha, static_bias, eps
@@ -488,7 +498,7 @@ def hc_pre_mix(h_pre: torch.Tensor, x: torch.Tensor, kernel_backend: str = "auto
     Returns:
         `[..., C]` in `x.dtype`, accumulated in fp32.
     """
-    if use_triton_kernels("mhc", kernel_backend, (h_pre, x), can_launch_on):
+    if use_triton_kernels("mhc", kernel_backend, (h_pre, x), can_launch_on, _mhc_unsupported(x.shape[-2])):
         return hc_pre_mix_triton(h_pre, x)
     lead, (n, width) = x.shape[:-2], x.shape[-2:]
     h_pre = h_pre.float().expand(*lead, n).reshape(-1, n)  # broadcast: expand's backward sums the gradient
@@ -535,7 +545,8 @@ def hc_res_post_mix(
     Returns:
         `[..., n, C]` in `x.dtype`, accumulated in fp32.
     """
-    if use_triton_kernels("mhc", kernel_backend, (h_res, x, h_post, f), can_launch_on):
+    unsupported = _mhc_unsupported(x.shape[-2])
+    if use_triton_kernels("mhc", kernel_backend, (h_res, x, h_post, f), can_launch_on, unsupported):
         return hc_res_post_mix_triton(h_res, x, h_post, f)
     lead, (n, width) = x.shape[:-2], x.shape[-2:]
     lead = torch.broadcast_shapes(lead, f.shape[:-1])
