@@ -1,0 +1,232 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Registers and spills of every Triton kernel compiled offline for a GPU (default sm_90, the H100), no GPU needed.
+
+    python benchmarks/ptxas_spills.py /tmp/ptxas.json                          # K = V in {64, 128, 256}, bf16 + fp32
+    python benchmarks/ptxas_spills.py /tmp/ptxas.json --head-dims 64 --dtypes bf16
+
+Each kernel is compiled by Triton (`triton.compile` with a `GPUTarget`, the launch options the wrappers use) with
+the tile sizes the wrappers derive for that shape; its PTX is then assembled again by the `ptxas` that Triton
+ships, with `-v`, whose report gives the registers per thread and the bytes spilled to local memory. The decay
+kernels are compiled per key/value head dim, decay granularity and dtype; the mHC kernels per dtype for
+`--streams` streams. Takes a few seconds per kernel on a CPU (about 100 kernels with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Compiled kernels, not interpreted ones: must be decided before the kernels are imported.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TL_DTYPES = {"bf16": tl.bfloat16, "fp32": tl.float32}
+# Pointers that carry the model dtype; every other pointer is fp32 (decay, states, coefficients, ...).
+DECAY_TYPED = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+MHC_TYPED = {"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"}
+PTXAS_INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, str]:
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (dtype if name in typed else "fp32")
+        elif name in ("scale", "eps"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _decay_jobs(head_dim: int, vector: bool, dtype: str):
+    """The decay kernels with the tiles `decay_chunk._geometry` picks for K = V = head_dim and chunks of 64."""
+    from transformers_mhc.kernels import decay_chunk as dc
+    from transformers_mhc.kernels import decay_recurrent as dr
+
+    K = V = head_dim
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(dc.MAX_BLOCK_V if BK <= 64 else dc.MAX_BLOCK_V // 2, max(16, triton.next_power_of_2(V)))
+    NV = triton.cdiv(V, BV)
+    GK, GBK = (K, BK) if vector else (1, 1)
+    BT = 64
+    BR = dc.SUB_CHUNK if vector else min(BT, dc.MAX_BLOCK_ROWS)
+    tiles = dict(K=K, V=V, GK=GK, BK=BK, BV=BV, GBK=GBK)
+    mm = dict(MM=TL_DTYPES[dtype])
+    rows = dict(tiles, BT=BT, BR=BR, VECTOR=vector, **mm)
+    matmul = dc._MATMUL_LAUNCH
+    rec_bv = min(dr.MAX_BLOCK_V, triton.next_power_of_2(V))
+    return [
+        (dc._chunk_cumsum_kernel, dict(GK=GK, BT=BT, GBK=GBK), {}),
+        (dc._chunk_state_fwd_kernel, dict(tiles, BT=BT, HAS_H0=True, STORE_HT=True, **mm), matmul),
+        (dc._chunk_output_fwd_kernel, rows, matmul),
+        (dc._chunk_state_bwd_kernel, dict(tiles, BT=BT, HAS_DHT=True, STORE_DH0=True, **mm), matmul),
+        (dc._chunk_dv_bwd_kernel, rows, matmul),
+        (dc._chunk_dqk_bwd_kernel, dict(rows, NV=NV), matmul),
+        (dc._chunk_dlog_decay_bwd_kernel, dict(tiles, BT=BT, NV=NV, VECTOR=vector), {}),
+        (
+            dr._fused_recurrent_fwd_kernel,
+            dict(
+                K=K, V=V, GK=GK, BK=triton.next_power_of_2(K), BV=rec_bv, GBK=GBK, HAS_H0=True, STORE_HT=True
+            ),
+            {},
+        ),
+    ]
+
+
+def _mhc_jobs(n: int):
+    """The mHC kernels with the blocks their wrappers pick for many tokens and a hidden size of 4096."""
+    from transformers_mhc.kernels import mhc_coefficients as co
+    from transformers_mhc.kernels import mhc_mix as mx
+    from transformers_mhc.kernels import mhc_sinkhorn as sk
+
+    np2 = triton.next_power_of_2(n)
+    width = n * n + 2 * n
+    mp = max(16, triton.next_power_of_2(width))
+    _, block_b, _ = sk._launch_config(10**6, n)
+    bt1, bc1 = mx._blocks(10**6, 4096, 1)
+    btn, bcn = mx._blocks(10**6, 4096, np2)
+    coefficients = dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp))
+    return [
+        (sk._sinkhorn_fwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), {}),
+        (sk._sinkhorn_bwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), {}),
+        (co._coefficients_fwd_kernel, coefficients, {}),
+        (co._coefficients_bwd_x_kernel, coefficients, {}),
+        (co._coefficients_bwd_phi_kernel, dict(M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {}),
+        (mx._pre_mix_fwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), {}),
+        (mx._pre_mix_bwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), {}),
+        (mx._res_post_mix_fwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), {}),
+        (mx._res_post_mix_bwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), {}),
+    ]
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    # The ptxas Triton itself uses for this architecture (the bundled one that understands its PTX version).
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        result = subprocess.run(
+            [get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", "-o", os.devnull, fh.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    report = result.stdout + result.stderr
+    stack, stores, loads = map(int, PTXAS_INFO.search(report).groups())
+    return {
+        "registers": int(PTXAS_REGISTERS.search(report).group(1)),
+        "stack_bytes": stack,
+        "spill_store_bytes": stores,
+        "spill_load_bytes": loads,
+    }
+
+
+def compile_and_report(fn, constexprs: dict, options: dict, typed: set[str], dtype: str, arch: int) -> dict:
+    source = ASTSource(fn=fn, signature=_signature(fn, constexprs, typed, dtype), constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return {
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
+        "shared_bytes": compiled.metadata.shared,
+        **_ptxas_report(compiled.asm["ptx"], arch),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", type=Path, help="JSON file to write")
+    parser.add_argument(
+        "--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)"
+    )
+    parser.add_argument(
+        "--head-dims", type=int, nargs="+", default=[64, 128, 256], help="K = V of the decay kernels"
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(TL_DTYPES))
+    parser.add_argument("--streams", type=int, default=4, help="n of the mHC kernels")
+    parser.add_argument("--skip-mhc", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    args = parser.parse_args(argv)
+    from transformers_mhc.outputs import fresh_path
+
+    output = fresh_path(args.output, overwrite=args.overwrite)
+
+    jobs = []
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            for vector in (False, True):
+                meta = {"family": "decay", "dtype": dtype, "head_dim": head_dim, "vector": vector}
+                jobs += [(meta, job, DECAY_TYPED) for job in _decay_jobs(head_dim, vector, dtype)]
+        if not args.skip_mhc:
+            meta = {"family": "mhc", "dtype": dtype, "streams": args.streams}
+            jobs += [(meta, job, MHC_TYPED) for job in _mhc_jobs(args.streams)]
+
+    rows = []
+    start = time.perf_counter()
+    for meta, (fn, constexprs, options), typed in jobs:
+        row = {"kernel": fn.fn.__name__, **meta}
+        try:
+            row.update(compile_and_report(fn, constexprs, options, typed, meta["dtype"], args.arch))
+        except Exception as error:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error)[-500:]}"
+        rows.append(row)
+        shape = (
+            f"K=V={meta['head_dim']} {'vector' if meta['vector'] else 'scalar'}" if "head_dim" in meta else ""
+        )
+        figures = (
+            f"{row['registers']:3d} regs, spill {row['spill_store_bytes']} B st / {row['spill_load_bytes']} B ld"
+            if "registers" in row
+            else row["error"]
+        )
+        print(f"{row['kernel']:32s} {meta['dtype']} {shape:20s} {figures}", flush=True)
+
+    spilling = [row for row in rows if row.get("spill_store_bytes", 0) or row.get("spill_load_bytes", 0)]
+    payload = {
+        "benchmark": "ptxas_spills",
+        "arch": f"sm_{args.arch}a",
+        "triton": triton.__version__,
+        "elapsed_s": time.perf_counter() - start,
+        "kernels": rows,
+        "spilling": [
+            f"{r['kernel']} {r['dtype']} {r.get('head_dim', '')} {r.get('vector', '')}" for r in spilling
+        ],
+        "errors": [row for row in rows if "error" in row],
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {output}: {len(rows)} kernels, {len(spilling)} spilling, {len(payload['errors'])} errors")
+    return 1 if payload["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
