@@ -11,12 +11,13 @@ from __future__ import annotations
 import ast
 import csv
 import io
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)  # transformers' logging: the CLI's -v / -q apply
 
 DATA_DIR_ENV = "TRANSFORMERS_MHC_DATA"
 
