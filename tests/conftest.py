@@ -29,6 +29,24 @@ def kernel_device() -> torch.device:
     return KERNEL_DEVICE
 
 
+# Prepended to the scripts that tests run in a fresh interpreter where `transformers_mhc` must not be importable,
+# as on a machine with transformers only: a checkpoint there can only use the code that travelled with it.
+BLOCK_PACKAGE = """\
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class BlockPackage(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers_mhc" or name.startswith("transformers_mhc."):
+            raise ModuleNotFoundError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, BlockPackage())
+"""
+
+
 @pytest.fixture
 def stories260k_path() -> Path:
     """The real pretrained Llama checkpoint from `../shared/models/stories260k`."""

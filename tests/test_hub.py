@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import BLOCK_PACKAGE
 from hub_server import FakeHub, split_card, validate_model_card_metadata
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -119,18 +120,9 @@ PUSH_SCRIPT = textwrap.dedent(
 
 # Loads the uploaded files in a process where `transformers_mhc` cannot be imported: only the code that
 # travelled with the checkpoint is available (`trust_remote_code=True`).
-RELOAD_SCRIPT = textwrap.dedent(
+RELOAD_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     """
     import json, sys
-    from importlib.abc import MetaPathFinder
-
-    class BlockPackage(MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
 
     import torch
     from safetensors.torch import load_file
@@ -154,18 +146,9 @@ RELOAD_SCRIPT = textwrap.dedent(
 
 # Loads saved folders in a process where `transformers_mhc` cannot be imported, saves them again with the plain
 # `save_pretrained` (of the remote code's classes) and opens the result with `AutoModel`, which needs its entry.
-RESAVE_SCRIPT = textwrap.dedent(
+RESAVE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     """
     import json, os, sys
-    from importlib.abc import MetaPathFinder
-
-    class BlockPackage(MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
 
     from transformers import AutoModel, AutoModelForCausalLM
 

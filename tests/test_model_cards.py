@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE
 from hub_server import split_card, validate_model_card_metadata
 from huggingface_hub import EvalResult, ModelCard
 from transformers import LlamaConfig, PreTrainedConfig
@@ -91,18 +92,9 @@ def test_templates_ship_with_the_package():
 
 
 # Runs the given scripts where `transformers_mhc` cannot be imported, as on a machine with transformers only.
-SNIPPET_RUNNER = textwrap.dedent(
+SNIPPET_RUNNER = BLOCK_PACKAGE + textwrap.dedent(
     """
     import runpy, sys
-    from importlib.abc import MetaPathFinder
-
-    class BlockPackage(MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
     for script in sys.argv[1:]:
         runpy.run_path(script, run_name="__main__")
     """

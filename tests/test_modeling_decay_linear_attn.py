@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE
 from transformers import DynamicCache
 
 from transformers_mhc import (
@@ -361,17 +362,9 @@ def test_lightnet_normaliser_and_conv_state_live_in_the_cache():
 # --------------------------------------------------------------------------------------------------------------------
 # Hugging Face integration: remote code, bf16, gradient checkpointing, PEFT, Trainer loss, hyper-connections
 # --------------------------------------------------------------------------------------------------------------------
-REMOTE_LOAD_SCRIPT = textwrap.dedent(
+REMOTE_LOAD_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
-                raise ImportError(f"{name} is hidden in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockPackage())
+    import json
     try:
         import transformers_mhc  # noqa: F401
         raise SystemExit("transformers_mhc is still importable")

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import transformers_mhc
@@ -384,17 +385,6 @@ def test_peft_modules_to_save_targets_hyper_connections():
 # --------------------------------------------------------------------------------------------------
 # Save / remote code
 # --------------------------------------------------------------------------------------------------
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "transformers_mhc" or name.startswith("transformers_mhc."):
-                raise ImportError("transformers_mhc is hidden in this process")
-            return None
-    sys.meta_path.insert(0, _Block())
-    """
-)
 
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
@@ -410,7 +400,7 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(tmp_path, mode):
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():
         torch.save(model(ids).logits, tmp_path / "expected.pt")
-    script = BLOCKER + textwrap.dedent(
+    script = BLOCK_PACKAGE + textwrap.dedent(
         f"""
         import torch
         from transformers import AutoModelForCausalLM
