@@ -81,25 +81,6 @@ def tokens_seen(cache: Cache | None, config: DecayLinearAttnConfig) -> int:
     return getattr(cache, "decay_tokens_seen", 0)
 
 
-def _check_rope_scaling(config: DecayLinearAttnConfig) -> None:
-    """RoPE scaling (`rope_parameters["rope_type"]` other than "default") acts on the Llama RoPE of a hybrid's softmax
-    layers only: refuse it where it would be ignored, rather than build a model that silently does not scale."""
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type == "default":
-        return
-    if "full_attention" not in config.layer_types:
-        raise ValueError(
-            f"`rope_parameters` asks for rope_type={rope_type!r}, but this model has no softmax-attention layer "
-            f"(`attention_layers={config.attention_layers}`), so nothing would be scaled; use rope_type 'default'."
-        )
-    if config.positional_encoding == "rope":
-        raise ValueError(
-            f"`rope_parameters` asks for rope_type={rope_type!r}, which would scale the softmax-attention layers but "
-            "not the cosine RoPE of the linear-attention layers (`positional_encoding='rope'`); use rope_type "
-            "'default', or `positional_encoding` 'none' / 'tpe'."
-        )
-
-
 class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: token mixer (linear attention, or `LlamaAttention` in a hybrid's attention layers) and a
     SwiGLU MLP, joined to the residual stream by plain residuals or by (m)HC hyper-connections over `n` streams.
@@ -250,7 +231,9 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
 
     def __init__(self, config: DecayLinearAttnConfig):
         super().__init__(config)
-        _check_rope_scaling(config)
+        # Again here: `rope_parameters` may have been assigned after the config was built (the config's own
+        # validators run when it is built or loaded).
+        config.validate_rope_scaling()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.first_linear_layer = config.layer_types.index("linear_attention")
