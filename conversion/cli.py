@@ -8,7 +8,8 @@ import sys
 
 from transformers_mhc.models.configuration_mhc import MHCConfig
 
-from .convert import DTYPES, HYPER_CONNECTIONS, SUPPORTED_MODEL_TYPES, ConversionError, convert_llama_to_mhc
+from .convert import convert_llama_to_mhc
+from .plan import DTYPES, HYPER_CONNECTIONS, SUPPORTED_MODEL_TYPES, ConversionError
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:
