@@ -42,6 +42,7 @@ from transformers_mhc import (
     MHCForCausalLM,
     cli,
 )
+from transformers_mhc.models.configuration_mhc import HyperConnectionConfigMixin
 
 CONFIG_SECONDS = 5.0  # building a config is pure Python: anything slower is a hang
 MODEL_SECONDS = 60.0
@@ -147,7 +148,7 @@ def bad_values(annotation) -> list:
 
 def fuzzed_fields(config_class) -> dict:
     """The package's own fields and the Llama ones (not PreTrainedConfig's generic bookkeeping fields)."""
-    own = set(config_class.__annotations__)
+    own = set(config_class.__annotations__) | set(HyperConnectionConfigMixin.__annotations__)
     if config_class is MHCConfig:
         own |= set(LlamaConfig.__annotations__)
     return {f.name: f.type for f in fields(config_class) if f.name in own and not f.name.startswith("_")}

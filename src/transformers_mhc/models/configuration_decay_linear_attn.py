@@ -13,7 +13,6 @@
 # limitations under the License.
 """Configuration of linear attention with a configurable decay (the design space of Qin et al., 2025)."""
 
-import math
 from typing import Any
 
 from huggingface_hub.dataclasses import validated_field
@@ -21,29 +20,25 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 from .configuration_mhc import (
-    HC_CONVENTIONS,
-    HC_READOUTS,
     HYPER_CONNECTION_TYPES,
     KERNEL_BACKENDS,
-    MAX_GATE,
     MAX_HEAD_DIM,
     MAX_HEADS,
     MAX_HIDDEN_SIZE,
     MAX_INTERMEDIATE_SIZE,
     MAX_LAYERS,
-    MAX_LOGIT,
     MAX_POSITIONS,
-    MAX_SINKHORN_ITERATIONS,
     MAX_STREAMS,
     MAX_VOCAB_SIZE,
+    HyperConnectionConfigMixin,
     activation,
     check_model_type,
+    document_hyper_connection_fields,
     integer_in,
     number_in,
     one_of,
     strict_config,
     validate_attention_heads,
-    validate_hyper_connection_fields,
     validate_rope_and_padding,
 )
 
@@ -73,7 +68,8 @@ MAX_MAMBA2_VALUE = 1000.0
 
 
 @strict_config
-class DecayLinearAttnConfig(PreTrainedConfig):
+@document_hyper_connection_fields
+class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`DecayLinearAttnModel`]: a decoder whose token mixer is linear attention with a decay
     `S_t = diag(lambda_t) S_{t-1} + k_t v_t^T`, configurable along the four axes of "Elucidating the Design Space of
@@ -142,11 +138,7 @@ class DecayLinearAttnConfig(PreTrainedConfig):
             Chunk length of the chunked parallel form used for training and prefill.
         layer_types (`list[str]`, *optional*):
             Derived: `"full_attention"` at `attention_layers`, `"linear_attention"` elsewhere. `DynamicCache` reads it.
-        hyper_connection (`str`, *optional*, defaults to `"none"`), num_streams (`int`, *optional*, defaults to 1),
-        sinkhorn_iterations, hc_gate_init, hc_dynamic, hc_readout, hc_convention, hc_res_logit_gap, hc_pre_bias_init,
-        hc_post_bias_init, hc_symmetry_breaking, hc_eps, hc_recompute, hc_recompute_interval:
-            As in [`MHCConfig`]: `"mhc"` or `"hc"` widen the residual stream to `num_streams` streams joined by
-            hyper-connections around the mixer and the MLP of every layer; `"none"` is a plain residual.
+        {hyper_connection_args}
         kernel_backend (`str`, *optional*, defaults to `"auto"`):
             As in [`MHCConfig`], for the linear-attention ops too: `"auto"` runs the Triton kernels where they support
             the inputs (CUDA, fp32/bf16/fp16, key head dim <= 256 after RoPE, a power-of-two `chunk_size` >= 16, not
@@ -227,21 +219,9 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     chunk_size: int = validated_field(integer_in(1, MAX_CHUNK_SIZE), default=64)
     layer_types: list[str] | None = None
 
-    # Hyper-connections: same names, meaning and checks as `MHCConfig`, but a plain residual by default.
+    # The hyper-connection fields of `HyperConnectionConfigMixin`, with a plain residual by default.
     num_streams: int = validated_field(integer_in(1, MAX_STREAMS), default=1)
     hyper_connection: str = validated_field(one_of(HYPER_CONNECTION_TYPES), default="none")
-    sinkhorn_iterations: int = validated_field(integer_in(1, MAX_SINKHORN_ITERATIONS), default=20)
-    hc_gate_init: float = validated_field(number_in(0.0, MAX_GATE), default=0.01)
-    hc_dynamic: bool = True
-    hc_readout: str = validated_field(one_of(HC_READOUTS), default="mean")
-    hc_convention: str = validated_field(one_of(HC_CONVENTIONS), default="paper")
-    hc_res_logit_gap: float = validated_field(number_in(0.0, MAX_LOGIT), default=4.0)
-    hc_pre_bias_init: float | None = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=None)
-    hc_post_bias_init: float = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=0.0)
-    hc_symmetry_breaking: float = validated_field(number_in(0.0, 1.0, exclude_maximum=True), default=0.0)
-    hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
-    hc_recompute: bool = False
-    hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
     kernel_backend: str = validated_field(one_of(KERNEL_BACKENDS), default="auto")
 
     def __post_init__(self, **kwargs):
@@ -272,10 +252,6 @@ class DecayLinearAttnConfig(PreTrainedConfig):
             )
         self.layer_types = derived
         super().__post_init__(**kwargs)
-
-    def validate_hyper_connections(self) -> None:
-        """Part of `@strict` validation: the rules between the `hc_*` fields (shared with `MHCConfig`)."""
-        validate_hyper_connection_fields(self)
 
     def validate_attention_layers(self) -> None:
         """Part of `@strict` validation: the softmax-attention layers of a hybrid are Llama's."""
@@ -383,14 +359,6 @@ class DecayLinearAttnConfig(PreTrainedConfig):
     def key_dim(self) -> int:
         """Key/query channels per head seen by the linear-attention op (doubled by the cosine RoPE)."""
         return 2 * self.head_dim if self.positional_encoding == "rope" else self.head_dim
-
-    @property
-    def recompute_interval(self) -> int:
-        """Layers per selective-recomputation segment of the hyper-connections (`L_r ≈ sqrt(n·L/(n+2))`)."""
-        if self.hc_recompute_interval is not None:
-            return self.hc_recompute_interval
-        n, num_layers = self.num_streams, self.num_hidden_layers
-        return max(1, round(math.sqrt(n * num_layers / (n + 2))))
 
 
 def cache_state_indices(config: DecayLinearAttnConfig) -> dict[str, int]:

@@ -20,7 +20,9 @@ when a `config.json` is loaded. The helpers below are shared by the two files, w
 """
 
 import math
+import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Union, get_args, get_origin
 
@@ -178,7 +180,7 @@ def validate_hyper_connection_fields(config) -> None:
     """Checks the rules between the `hc_*` fields shared by every config that can run hyper-connections.
 
     Raises `ValueError` naming the fields, the values and what is allowed. (Each field's own type and range are
-    checked when it is set, see `MHCConfig`.)
+    checked when it is set, see `HyperConnectionConfigMixin`.)
     """
 
     def choice(field: str, allowed: tuple[str, ...]) -> None:
@@ -260,8 +262,119 @@ def validate_rope_and_padding(config) -> None:
         )
 
 
+# The docs of the hyper-connection fields; `document_hyper_connection_fields` fills in each config's defaults.
+HYPER_CONNECTION_ARGS_DOC = """\
+num_streams (`int`, *optional*, defaults to {num_streams}):
+    Expansion rate `n`: how many residual streams each token carries.
+hyper_connection (`str`, *optional*, defaults to {hyper_connection}):
+    `"mhc"`: manifold-constrained hyper-connections (`h_res` projected onto doubly stochastic matrices by
+    Sinkhorn-Knopp). `"hc"`: the unconstrained dynamic hyper-connections of Zhu et al. `"none"`: a plain
+    residual (requires `num_streams=1`); an [`MHCForCausalLM`] with Llama weights then reproduces
+    `LlamaForCausalLM`.
+sinkhorn_iterations (`int`, *optional*, defaults to 20):
+    Sinkhorn-Knopp iterations (one column then one row normalisation each; ending on rows makes row sums
+    exact).
+hc_gate_init (`float`, *optional*, defaults to 0.01):
+    Initial value of the gates `alpha_pre`, `alpha_post`, `alpha_res` scaling the input-dependent terms
+    (`s_alpha`, `s_beta` of HC).
+hc_dynamic (`bool`, *optional*, defaults to `True`):
+    Whether the coefficients depend on the input (`phi` projections); `False` keeps only the static biases.
+hc_readout (`str`, *optional*, defaults to `"mean"`):
+    How the streams collapse before the final norm: `"mean"`, `"sum"` (HC's choice; equal to the mean up to the
+    scale-invariant final RMSNorm) or `"learned"` (input-dependent sigmoid weights).
+hc_convention (`str`, *optional*, defaults to `"paper"`):
+    `"paper"`: the mHC paper's formulation. `"deepseek_v4"`: the one of transformers'
+    `DeepseekV4HyperConnection` (softmax + eps start, eps in the Sinkhorn normalisations, `In @ Comb`,
+    `sigmoid + eps` pre weights and the learned sigmoid readout when `hc_readout="learned"`).
+hc_res_logit_gap (`float`, *optional*, defaults to 4.0):
+    Initial static logits of `h_res`: this value on the diagonal, 0 elsewhere, so `h_res` starts near the
+    identity (off-diagonal weight about `exp(-gap)`). Large gaps approach the identity but saturate the
+    Sinkhorn gradient, so `h_res` learns slowly. Unused by `"hc"`, whose `h_res` starts at exactly `I`.
+hc_pre_bias_init (`float`, *optional*):
+    Initial static logit of `h_pre`. Defaults to `logit(1/n)` so each stream is read with weight `1/n` (the
+    mean of the streams). In `"hc"` mode the default is the HC paper's one-hot `e_{{k mod n}}`.
+hc_post_bias_init (`float`, *optional*, defaults to 0.0):
+    Initial static logit of `h_post`; 0 gives `h_post = 2 * sigmoid(0) = 1`.
+hc_symmetry_breaking (`float`, *optional*, defaults to 0.0):
+    Spreads the initial `h_post` linearly over `[1 - s, 1 + s]` across streams. The spread has zero mean, so
+    with a mean readout the model at initialisation is unchanged, but streams copied from one embedding stop
+    being identical (identical streams otherwise stay identical and `h_res` cannot learn to mix them).
+hc_eps (`float`, *optional*, defaults to 1e-6):
+    The `eps` of the `"deepseek_v4"` convention (added to the softmax, the Sinkhorn denominators and `h_pre`).
+hc_recompute (`bool`, *optional*, defaults to `False`):
+    Selective recomputation during training: keep only the stream input of every `hc_recompute_interval`-th
+    layer and each sub-layer's output, and recompute the hyper-connection arithmetic in backward.
+hc_recompute_interval (`int`, *optional*):
+    Layers per recomputation segment `L_r`; defaults to `round(sqrt(n * L / (n + 2)))`.
+"""
+HYPER_CONNECTION_ARGS_MARKER = "{hyper_connection_args}"
+
+
+def document_hyper_connection_fields(cls: type) -> type:
+    """Puts `HYPER_CONNECTION_ARGS_DOC`, with the defaults of `cls`, in place of the line `{hyper_connection_args}`
+    of the docstring of `cls`, so that `help(cls)` documents these fields too."""
+    defaults = {}
+    for name in ("num_streams", "hyper_connection"):
+        value = cls.__dataclass_fields__[name].default
+        defaults[name] = f'`"{value}"`' if isinstance(value, str) else repr(value)
+    lines = cls.__doc__.splitlines(keepends=True)
+    marker_lines = [i for i, line in enumerate(lines) if line.strip() == HYPER_CONNECTION_ARGS_MARKER]
+    if len(marker_lines) != 1:
+        raise ValueError(f"The docstring of {cls.__name__} needs one line {HYPER_CONNECTION_ARGS_MARKER}.")
+    i = marker_lines[0]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = textwrap.indent(HYPER_CONNECTION_ARGS_DOC.format(**defaults), indent)
+    cls.__doc__ = "".join(lines)
+    return cls
+
+
+@document_hyper_connection_fields
+@dataclass(kw_only=True, init=False, repr=False, eq=False)
+class HyperConnectionConfigMixin:
+    r"""
+    The hyper-connection fields of a configuration, their checks and `recompute_interval`: the residual stream is
+    widened to `num_streams` streams joined by (manifold-constrained) hyper-connections around every token mixer
+    (attention) and MLP sub-layer.
+
+    Goes first in the bases of a `PreTrainedConfig` decorated with `@strict_config` (whose dataclass puts these fields
+    after those of the other bases), e.g. `MHCConfig(HyperConnectionConfigMixin, LlamaConfig)`; the config also needs
+    `num_hidden_layers`. A config with other defaults declares the field again, with the same validator.
+
+    Args:
+        {hyper_connection_args}
+    """
+
+    num_streams: int = validated_field(integer_in(1, MAX_STREAMS), default=4)
+    hyper_connection: str = validated_field(one_of(HYPER_CONNECTION_TYPES), default="mhc")
+    sinkhorn_iterations: int = validated_field(integer_in(1, MAX_SINKHORN_ITERATIONS), default=20)
+    hc_gate_init: float = validated_field(number_in(0.0, MAX_GATE), default=0.01)
+    hc_dynamic: bool = True
+    hc_readout: str = validated_field(one_of(HC_READOUTS), default="mean")
+    hc_convention: str = validated_field(one_of(HC_CONVENTIONS), default="paper")
+    hc_res_logit_gap: float = validated_field(number_in(0.0, MAX_LOGIT), default=4.0)
+    hc_pre_bias_init: float | None = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=None)
+    hc_post_bias_init: float = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=0.0)
+    hc_symmetry_breaking: float = validated_field(number_in(0.0, 1.0, exclude_maximum=True), default=0.0)
+    hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
+    hc_recompute: bool = False
+    hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
+
+    def validate_hyper_connections(self) -> None:
+        """Part of `@strict` validation: the rules between the `hc_*` fields."""
+        validate_hyper_connection_fields(self)
+
+    @property
+    def recompute_interval(self) -> int:
+        """Layers per selective-recomputation segment (`L_r ≈ sqrt(n·L/(n+2))`, at least 1)."""
+        if self.hc_recompute_interval is not None:
+            return self.hc_recompute_interval
+        n, num_layers = self.num_streams, self.num_hidden_layers
+        return max(1, round(math.sqrt(n * num_layers / (n + 2))))
+
+
 @strict_config
-class MHCConfig(LlamaConfig):
+@document_hyper_connection_fields
+class MHCConfig(HyperConnectionConfigMixin, LlamaConfig):
     r"""
     Configuration of an [`MHCModel`]: a Llama decoder whose residual stream is widened to `num_streams` streams
     joined by (manifold-constrained) hyper-connections around every attention and MLP sub-layer.
@@ -273,47 +386,7 @@ class MHCConfig(LlamaConfig):
     iterations, ...). The same checks run when a `config.json` is loaded, whose `model_type` must be `"mhc"`.
 
     Args:
-        num_streams (`int`, *optional*, defaults to 4):
-            Expansion rate `n`: how many residual streams each token carries.
-        hyper_connection (`str`, *optional*, defaults to `"mhc"`):
-            `"mhc"`: manifold-constrained hyper-connections (`h_res` projected onto doubly stochastic matrices by
-            Sinkhorn-Knopp). `"hc"`: the unconstrained dynamic hyper-connections of Zhu et al. `"none"`: a plain
-            residual (requires `num_streams=1`); with Llama weights it reproduces `LlamaForCausalLM`.
-        sinkhorn_iterations (`int`, *optional*, defaults to 20):
-            Sinkhorn-Knopp iterations (one column then one row normalisation each; ending on rows makes row sums
-            exact).
-        hc_gate_init (`float`, *optional*, defaults to 0.01):
-            Initial value of the gates `alpha_pre`, `alpha_post`, `alpha_res` scaling the input-dependent terms
-            (`s_alpha`, `s_beta` of HC).
-        hc_dynamic (`bool`, *optional*, defaults to `True`):
-            Whether the coefficients depend on the input (`phi` projections); `False` keeps only the static biases.
-        hc_readout (`str`, *optional*, defaults to `"mean"`):
-            How the streams collapse before the final norm: `"mean"`, `"sum"` (HC's choice; equal to the mean up to the
-            scale-invariant final RMSNorm) or `"learned"` (input-dependent sigmoid weights).
-        hc_convention (`str`, *optional*, defaults to `"paper"`):
-            `"paper"`: the mHC paper's formulation. `"deepseek_v4"`: the one of transformers'
-            `DeepseekV4HyperConnection` (softmax + eps start, eps in the Sinkhorn normalisations, `In @ Comb`,
-            `sigmoid + eps` pre weights and the learned sigmoid readout when `hc_readout="learned"`).
-        hc_res_logit_gap (`float`, *optional*, defaults to 4.0):
-            Initial static logits of `h_res`: this value on the diagonal, 0 elsewhere, so `h_res` starts near the
-            identity (off-diagonal weight about `exp(-gap)`). Large gaps approach the identity but saturate the
-            Sinkhorn gradient, so `h_res` learns slowly. Unused by `"hc"`, whose `h_res` starts at exactly `I`.
-        hc_pre_bias_init (`float`, *optional*):
-            Initial static logit of `h_pre`. Defaults to `logit(1/n)` so each stream is read with weight `1/n` (the
-            mean of the streams). In `"hc"` mode the default is the HC paper's one-hot `e_{k mod n}`.
-        hc_post_bias_init (`float`, *optional*, defaults to 0.0):
-            Initial static logit of `h_post`; 0 gives `h_post = 2 * sigmoid(0) = 1`.
-        hc_symmetry_breaking (`float`, *optional*, defaults to 0.0):
-            Spreads the initial `h_post` linearly over `[1 - s, 1 + s]` across streams. The spread has zero mean, so
-            with a mean readout the model at initialisation is unchanged, but streams copied from one embedding stop
-            being identical (identical streams otherwise stay identical and `h_res` cannot learn to mix them).
-        hc_eps (`float`, *optional*, defaults to 1e-6):
-            The `eps` of the `"deepseek_v4"` convention (added to the softmax, the Sinkhorn denominators and `h_pre`).
-        hc_recompute (`bool`, *optional*, defaults to `False`):
-            Selective recomputation during training: keep only the stream input of every `hc_recompute_interval`-th
-            layer and each sub-layer's output, and recompute the hyper-connection arithmetic in backward.
-        hc_recompute_interval (`int`, *optional*):
-            Layers per recomputation segment `L_r`; defaults to `round(sqrt(n * L / (n + 2)))`.
+        {hyper_connection_args}
         kernel_backend (`str`, *optional*, defaults to `"auto"`):
             Which implementation runs the hyper-connection ops: `"auto"` the Triton kernels wherever they support
             the inputs (CUDA tensors in fp32/bf16/fp16, not under `torch.compile`) and the pure-PyTorch path
@@ -347,20 +420,6 @@ class MHCConfig(LlamaConfig):
     rope_parameters: RopeParameters | dict | None = None
     attention_dropout: int | float | None = validated_field(number_in(0.0, 1.0), default=0.0)
 
-    num_streams: int = validated_field(integer_in(1, MAX_STREAMS), default=4)
-    hyper_connection: str = validated_field(one_of(HYPER_CONNECTION_TYPES), default="mhc")
-    sinkhorn_iterations: int = validated_field(integer_in(1, MAX_SINKHORN_ITERATIONS), default=20)
-    hc_gate_init: float = validated_field(number_in(0.0, MAX_GATE), default=0.01)
-    hc_dynamic: bool = True
-    hc_readout: str = validated_field(one_of(HC_READOUTS), default="mean")
-    hc_convention: str = validated_field(one_of(HC_CONVENTIONS), default="paper")
-    hc_res_logit_gap: float = validated_field(number_in(0.0, MAX_LOGIT), default=4.0)
-    hc_pre_bias_init: float | None = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=None)
-    hc_post_bias_init: float = validated_field(number_in(-MAX_LOGIT, MAX_LOGIT), default=0.0)
-    hc_symmetry_breaking: float = validated_field(number_in(0.0, 1.0, exclude_maximum=True), default=0.0)
-    hc_eps: float = validated_field(number_in(0.0, 1.0), default=1e-6)
-    hc_recompute: bool = False
-    hc_recompute_interval: int | None = validated_field(integer_in(1, MAX_LAYERS), default=None)
     kernel_backend: str = validated_field(one_of(KERNEL_BACKENDS), default="auto")
 
     def __post_init__(self, **kwargs):
@@ -382,22 +441,10 @@ class MHCConfig(LlamaConfig):
         validate_attention_heads(self)
         validate_rope_and_padding(self)
 
-    def validate_hyper_connections(self) -> None:
-        """Part of `@strict` validation: the rules between the `hc_*` fields."""
-        validate_hyper_connection_fields(self)
-
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "MHCConfig":
         check_model_type(cls, config_dict)
         return super().from_dict(config_dict, **kwargs)
 
-    @property
-    def recompute_interval(self) -> int:
-        """Layers per selective-recomputation segment (`L_r ≈ sqrt(n·L/(n+2))`, at least 1)."""
-        if self.hc_recompute_interval is not None:
-            return self.hc_recompute_interval
-        n, num_layers = self.num_streams, self.num_hidden_layers
-        return max(1, round(math.sqrt(n * num_layers / (n + 2))))
 
-
-__all__ = ["MHCConfig", "strict_config", "validate_hyper_connection_fields"]
+__all__ = ["HyperConnectionConfigMixin", "MHCConfig", "strict_config", "validate_hyper_connection_fields"]
