@@ -20,7 +20,7 @@ Needs a CUDA GPU: the kernels only launch there (on CPU they run only through th
 says nothing about speed). Without one the script says so and writes a JSON recording that no timing was taken.
 
 For every kernel, both sides run in the same process on the same inputs: the reference is the torch path of
-`transformers_mhc.models.mhc_ops` (forced with `kernel_backend="torch"`), timed eagerly. Reported per
+the models' torch path (`hyper_connection.TORCH_OPS`: what `kernel_backend="torch"` runs), timed eagerly. Reported per
 row: median milliseconds of forward + backward (`triton.testing.do_bench`), the speed-up, peak memory of one
 forward + backward, and the largest difference between the two outputs.
 """
@@ -33,7 +33,6 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,17 +68,18 @@ def _environment() -> dict:
     return env
 
 
-def _cases(
+def mhc_op_cases(
     tokens: int, hidden: int, n: int, dtype: torch.dtype, iterations: int, device: str = "cuda"
 ) -> dict[str, tuple]:
-    """Per kernel: (kernel, reference, inputs needing grad, extra kwargs)."""
+    """Per mHC op: (Triton kernel, the torch path's op, inputs needing grad, extra kwargs). Also used by
+    `gpu_check.py`. (The torch path equals the plain formulas of `mhc_ops`: `tests/test_mhc_ops.py`.)"""
     from transformers_mhc.kernels.mhc import (
         hc_pre_mix_triton,
         hc_res_post_mix_triton,
         mhc_coefficients_triton,
         sinkhorn_knopp_triton,
     )
-    from transformers_mhc.models import mhc_ops
+    from transformers_mhc.models.hyper_connection import TORCH_OPS
 
     width = n * n + 2 * n
 
@@ -90,13 +90,13 @@ def _cases(
     return {
         "sinkhorn_knopp": (
             sinkhorn_knopp_triton,
-            mhc_ops.sinkhorn_knopp,
+            TORCH_OPS.sinkhorn_knopp,
             [leaf(torch.randn(tokens, n, n))],
             {"num_iterations": iterations},
         ),
         "mhc_coefficients": (
             mhc_coefficients_triton,
-            mhc_ops.mhc_coefficients,
+            TORCH_OPS.mhc_coefficients,
             [
                 leaf(torch.randn(tokens, n * hidden, dtype=dtype)),
                 leaf(torch.randn(width, n * hidden) / (n * hidden) ** 0.5),
@@ -105,10 +105,10 @@ def _cases(
             ],
             {"eps": 1e-6},
         ),
-        "hc_pre_mix": (hc_pre_mix_triton, mhc_ops.hc_pre_mix, [leaf(torch.rand(tokens, n)), x], {}),
+        "hc_pre_mix": (hc_pre_mix_triton, TORCH_OPS.hc_pre_mix, [leaf(torch.rand(tokens, n)), x], {}),
         "hc_res_post_mix": (
             hc_res_post_mix_triton,
-            mhc_ops.hc_res_post_mix,
+            TORCH_OPS.hc_res_post_mix,
             [
                 leaf(torch.rand(tokens, n, n)),
                 x,
@@ -141,7 +141,6 @@ def _peak_mb(run: Callable[[], object]) -> float:
 def _bench_case(kernel, reference, inputs, kwargs) -> dict:
     from triton.testing import do_bench
 
-    reference = partial(reference, kernel_backend="torch")  # the torch path even on CUDA tensors
     ref_out = _fwd_bwd(reference, inputs, kwargs, None)
     cotangents = [torch.randn_like(o) for o in ref_out]
     tri_out = _fwd_bwd(kernel, inputs, kwargs, None)
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for n in args.streams:
         for dtype_name in args.dtypes:
-            cases = _cases(args.tokens, args.hidden, n, DTYPES[dtype_name], args.sinkhorn_iterations)
+            cases = mhc_op_cases(args.tokens, args.hidden, n, DTYPES[dtype_name], args.sinkhorn_iterations)
             for name, (kernel, reference, inputs, kwargs) in cases.items():
                 row = {"kernel": name, "streams": n, "dtype": dtype_name}
                 row.update(_bench_case(kernel, reference, inputs, kwargs))

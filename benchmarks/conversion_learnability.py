@@ -83,7 +83,7 @@ def probe(
     captured: list[torch.Tensor] = []
     spread: list[float] = []
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out: captured.append(out[2].float()))
+        m.register_forward_hook(lambda _m, _i, out: captured.append(out[1].h_res.float()))
         for m in model.modules()
         if isinstance(m, HyperConnection)
     ]

@@ -19,7 +19,7 @@
 Sections, each case recorded as it finishes (the JSON is rewritten after every case, so a run stopped by a time
 limit still leaves what it measured):
 
-1. `kernels`: every kernel through its op's dispatch, `kernel_backend="triton"` vs `"torch"` on the same inputs:
+1. `kernels`: every kernel against the torch path (what `kernel_backend="torch"` runs) on the same inputs:
    forward outputs and the gradients of every input (relative error and a pass/fail against the tolerance of the
    dtype), then forward + backward time of both paths, and of flash-linear-attention's `chunk_simple_gla` /
    `chunk_gla` on the same decay shapes where `fla` is importable.
@@ -49,6 +49,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # run as a script or imported: its sibling benchmarks
+from bench_mhc_kernels import mhc_op_cases  # noqa: E402
 
 # Relative error allowed between the kernels and the torch path: fp32 is the same math in another order; bf16
 # products are rounded to bf16 in the kernels (tensor cores) and not in the torch path (fp32 compute).
@@ -151,48 +156,14 @@ def _compare(kernel: Callable, reference: Callable, inputs: list[torch.Tensor], 
 # Cases
 # --------------------------------------------------------------------------------------------------
 def _mhc_cases(shape: dict, device: torch.device):
-    from transformers_mhc.models import mhc_ops
-
-    tokens, hidden, n, dtype = shape["tokens"], shape["hidden"], shape["n"], DTYPES[shape["dtype"]]
-    width = n * n + 2 * n
-
-    def leaf(t):
-        return t.to(device).requires_grad_(True)
-
-    x = leaf(torch.randn(tokens, n, hidden, dtype=dtype))
-    cases = {
-        "sinkhorn_knopp": (
-            mhc_ops.sinkhorn_knopp,
-            [leaf(2 * torch.randn(tokens, n, n))],
-            {"num_iterations": 20},
-        ),
-        "mhc_coefficients": (
-            mhc_ops.mhc_coefficients,
-            [
-                leaf(torch.randn(tokens, n * hidden, dtype=dtype)),
-                leaf(torch.randn(width, n * hidden) / (n * hidden) ** 0.5),
-                leaf(torch.full((3,), 0.5)),
-                leaf(torch.randn(width)),
-            ],
-            {"eps": 1e-6},
-        ),
-        "hc_pre_mix": (mhc_ops.hc_pre_mix, [leaf(torch.rand(tokens, n)), x], {}),
-        "hc_res_post_mix": (
-            mhc_ops.hc_res_post_mix,
-            [
-                leaf(torch.rand(tokens, n, n)),
-                x,
-                leaf(torch.rand(tokens, n)),
-                leaf(torch.randn(tokens, hidden, dtype=dtype)),
-            ],
-            {},
-        ),
-    }
-    for name, (op, inputs, kwargs) in cases.items():
+    """Every mHC kernel against the torch path (the cases of `bench_mhc_kernels.py`)."""
+    dtype = DTYPES[shape["dtype"]]
+    cases = mhc_op_cases(shape["tokens"], shape["hidden"], shape["n"], dtype, iterations=20, device=device)
+    for name, (kernel, reference, inputs, kwargs) in cases.items():
         yield (
             dict(kernel=name, **shape),
-            partial(op, **kwargs, kernel_backend="triton"),
-            partial(op, **kwargs, kernel_backend="torch"),
+            partial(kernel, **kwargs),
+            partial(reference, **kwargs),
             inputs,
             dtype,
             None,

@@ -48,7 +48,7 @@ TINY = dict(
     num_attention_heads=2,
     num_streams=2,
 )
-CODE_FILES = ("configuration_mhc.py", "modeling_mhc.py", "hyper_connection.py", "mhc_ops.py")
+CODE_FILES = ("configuration_mhc.py", "modeling_mhc.py", "hyper_connection.py", "mhc_ops.py", "mhc_fused.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_mhc.MHCConfig",
     "AutoModel": "modeling_mhc.MHCModel",

@@ -40,7 +40,7 @@ from transformers_mhc import (  # noqa: E402
     MHCConfig,
     MHCForCausalLM,
 )
-from transformers_mhc.models import decay_ops, mhc_ops  # noqa: E402
+from transformers_mhc.models import decay_ops, hyper_connection, mhc_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -88,10 +88,10 @@ def test_torch_backend_never_consults_the_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a kernel was called")
 
-    monkeypatch.setattr(mhc_ops, "can_launch_on", boom)
+    monkeypatch.setattr(hyper_connection, "can_launch_on", boom)
     monkeypatch.setattr(decay_ops, "can_launch_on", boom)
     x = torch.randn(3, 2, 8, device=KERNEL_DEVICE)
-    mhc_ops.hc_pre_mix(torch.rand(3, 2, device=KERNEL_DEVICE), x, kernel_backend="torch")
+    assert hyper_connection.mhc_implementation("torch", x) is hyper_connection.TORCH_OPS
     q = torch.randn(1, 1, 4, 8, device=KERNEL_DEVICE)
     decay_ops.chunk_decay_linear_attn(
         q, q, q, -torch.rand(1, 1, 4, device=KERNEL_DEVICE), kernel_backend="torch"
@@ -100,11 +100,11 @@ def test_torch_backend_never_consults_the_kernels(monkeypatch):
 
 def test_auto_takes_the_torch_path_off_cuda(caplog):
     """The interpreter is for tests only: `"auto"` sends only CUDA tensors to the kernels, and says why once."""
-    assert not mhc_ops.use_triton_kernels("mhc", "auto", (torch.randn(3, 2),), mhc_ops.can_launch_on)
+    assert not mhc_ops.use_triton_kernels("mhc", "auto", (torch.randn(3, 2),), hyper_connection.can_launch_on)
     x = torch.randn(3, 2, 8, device="meta")  # a device no other test uses: its message is logged here first
     with caplog.at_level(logging.INFO, logger=mhc_ops.__name__):
         for _ in range(3):
-            assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), mhc_ops.can_launch_on)
+            assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), hyper_connection.can_launch_on)
     messages = [r.getMessage() for r in caplog.records if "meta tensors" in r.getMessage()]
     assert len(messages) == 1 and "torch path" in messages[0]
 
@@ -118,15 +118,15 @@ def test_auto_takes_the_torch_path_off_cuda(caplog):
     ids=["fp64", "unsupported"],
 )
 def test_triton_backend_says_why_it_cannot_run(tensors, unsupported, match):
-    if mhc_ops.can_launch_on is None or not mhc_ops.can_launch_on(KERNEL_DEVICE):
+    if hyper_connection.can_launch_on is None or not hyper_connection.can_launch_on(KERNEL_DEVICE):
         pytest.skip("the kernels cannot launch in this process")
     with pytest.raises(ValueError, match=match):
         mhc_ops.use_triton_kernels(
-            "mhc", "triton", tensors(KERNEL_DEVICE), mhc_ops.can_launch_on, unsupported
+            "mhc", "triton", tensors(KERNEL_DEVICE), hyper_connection.can_launch_on, unsupported
         )
     # `"auto"` falls back instead (on CPU tensors it would anyway).
     assert not mhc_ops.use_triton_kernels(
-        "mhc", "auto", tensors(KERNEL_DEVICE), mhc_ops.can_launch_on, unsupported
+        "mhc", "auto", tensors(KERNEL_DEVICE), hyper_connection.can_launch_on, unsupported
     )
 
 
@@ -149,7 +149,8 @@ def test_mhc_stream_limit():
     n = mhc_ops.MAX_TRITON_STREAMS + 1
     x = torch.randn(2, n, 8, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match=f"{n} streams"):
-        mhc_ops.hc_pre_mix(torch.rand(2, n, device=KERNEL_DEVICE), x, kernel_backend="triton")
+        hyper_connection.mhc_implementation("triton", x)
+    assert hyper_connection.mhc_implementation("auto", x) is hyper_connection.TORCH_OPS
 
 
 def test_decay_grid_limit():
@@ -163,14 +164,14 @@ def test_not_under_compile(monkeypatch):
     """The kernels are not registered ops: while compiling, `"auto"` takes the torch path, `"triton"` refuses."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x = torch.randn(2, 2, device=KERNEL_DEVICE)
-    assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), mhc_ops.can_launch_on)
+    assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), hyper_connection.can_launch_on)
     with pytest.raises(RuntimeError, match="torch.compile"):
-        mhc_ops.use_triton_kernels("mhc", "triton", (x,), mhc_ops.can_launch_on)
+        mhc_ops.use_triton_kernels("mhc", "triton", (x,), hyper_connection.can_launch_on)
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="kernel_backend"):
-        mhc_ops.sinkhorn_knopp(torch.randn(2, 2), 3, kernel_backend="fast")
+        hyper_connection.mhc_implementation("fast", torch.randn(2, 2, 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,12 +282,12 @@ def test_triton_older_than_3_4_takes_the_torch_path():
 import triton
 del triton.knobs  # what triton 3.2 / 3.3 look like to the kernels
 import torch
-from transformers_mhc.models import decay_ops, mhc_ops
-assert mhc_ops.can_launch_on is None and decay_ops.can_launch_on is None
+from transformers_mhc.models import decay_ops, hyper_connection
+assert hyper_connection.can_launch_on is None and decay_ops.can_launch_on is None
 x = torch.randn(3, 2, 8)
-mhc_ops.hc_pre_mix(torch.rand(3, 2), x)  # "auto": the torch path
+assert hyper_connection.mhc_implementation("auto", x).name == "torch"
 try:
-    mhc_ops.hc_pre_mix(torch.rand(3, 2), x, kernel_backend="triton")
+    hyper_connection.mhc_implementation("triton", x)
 except ValueError as error:
     assert "triton >= 3.4" in str(error), error
     print("ok")

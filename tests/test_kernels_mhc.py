@@ -1,8 +1,8 @@
 """The mHC Triton kernels against their pure-PyTorch references (forward and gradients).
 
 On a GPU the kernels run on CUDA tensors; without one on CPU tensors under `TRITON_INTERPRET=1` (both set up in
-`conftest.py`; every tensor here is made on `KERNEL_DEVICE`). The references are the `mhc_ops` functions with
-`kernel_backend="torch"`, so every comparison here is kernel vs torch on any device.
+`conftest.py`; every tensor here is made on `KERNEL_DEVICE`). The references are the plain formulas of `mhc_ops`,
+so every comparison here is kernel vs torch on any device.
 The interpreter is slow: shapes are small, and the wider sweep is marked `slow`.
 
 Note on bf16: the Triton 3.9 interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so bf16
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -30,15 +29,16 @@ from transformers_mhc.kernels.mhc import (  # noqa: E402
     mhc_coefficients_triton,
     sinkhorn_knopp_triton,
 )
-from transformers_mhc.models import mhc_ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-# The references: the torch path whatever the device.
-hc_pre_mix = partial(mhc_ops.hc_pre_mix, kernel_backend="torch")
-hc_res_post_mix = partial(mhc_ops.hc_res_post_mix, kernel_backend="torch")
-mhc_coefficients = partial(mhc_ops.mhc_coefficients, kernel_backend="torch")
-sinkhorn_knopp = partial(mhc_ops.sinkhorn_knopp, kernel_backend="torch")
+# The references: the paper's formulas in plain torch, whatever the device.
+from transformers_mhc.models.mhc_ops import (  # noqa: E402
+    hc_pre_mix,
+    hc_res_post_mix,
+    mhc_coefficients,
+    sinkhorn_knopp,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -126,3 +126,109 @@ def test_stream_mixing_matches_einsum():
     torch.testing.assert_close(hc_res_post_mix(h_res, x, h_post, f), expected)
     # bf16 streams: output keeps the stream dtype.
     assert hc_res_post_mix(h_res, x.bfloat16(), h_post, f.bfloat16()).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# The torch path (`mhc_fused`, what the models run off CUDA) against the formulas above
+# --------------------------------------------------------------------------------------------------
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _op_inputs(op: str, n: int, dtype: torch.dtype, lead=(2, 5), c: int = 7, broadcast: bool = False):
+    """Inputs of `op` on `lead` tokens; `broadcast`: coefficients shared by every token (`hc_dynamic=False`)."""
+    generator = torch.Generator().manual_seed(n)
+
+    def rand(*shape, scale=1.0):
+        return _leaf(torch.randn(*shape, generator=generator) * scale)
+
+    coefficient_lead = (1,) * len(lead) if broadcast else lead
+    if op == "mhc_coefficients":
+        width = n * n + 2 * n
+        return [rand(*lead, n * c).to(dtype), rand(width, n * c, scale=0.1), rand(3), rand(width)], (1e-6,)
+    if op == "sinkhorn_knopp":
+        return [rand(*coefficient_lead, n, n, scale=2.0)], (20,)
+    if op == "hc_pre_mix":
+        return [_leaf(torch.rand(*coefficient_lead, n, generator=generator)), rand(*lead, n, c).to(dtype)], ()
+    h_res = _leaf(torch.rand(*coefficient_lead, n, n, generator=generator))
+    h_post = _leaf(2 * torch.rand(*coefficient_lead, n, generator=generator))
+    return [h_res, rand(*lead, n, c).to(dtype), h_post, rand(*lead, c).to(dtype)], ()
+
+
+# (op, coefficients shared by every token as with `hc_dynamic=False`): the coefficients are per token by definition.
+CASES = [("mhc_coefficients", False)] + [
+    (op, broadcast)
+    for op in ("sinkhorn_knopp", "hc_pre_mix", "hc_res_post_mix")
+    for broadcast in (False, True)
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "broadcast"), CASES, ids=[f"{op}-{'shared' if b else 'per-token'}" for op, b in CASES]
+)
+@pytest.mark.parametrize("n", [1, 2, 4, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_matches_the_formulas(op, broadcast, n, dtype):
+    from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+
+    inputs, extra = _op_inputs(op, n, dtype, broadcast=broadcast)
+    fused = getattr(TORCH_OPS, op)(*inputs, *extra)
+    reference = getattr(REFERENCE_OPS, op)(*inputs, *extra)
+    fused, reference = (fused, reference) if isinstance(fused, tuple) else ((fused,), (reference,))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    _assert_same(fused, reference, inputs, tol, {"rtol": 1e-4, "atol": 1e-5}, dtype)
+
+
+def _assert_same(fused, reference, inputs, tol, fp32_input_tol=None, dtype=None):
+    """Same outputs (shape, dtype, values) and the same gradients w.r.t. `inputs` for one random cotangent."""
+    for a, b in zip(fused, reference, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    cotangents = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).to(o.dtype) for o in reference
+    ]
+    grads_fused = torch.autograd.grad(fused, inputs, cotangents)
+    grads_reference = torch.autograd.grad(reference, inputs, cotangents)
+    for x, a, b in zip(inputs, grads_fused, grads_reference, strict=True):
+        assert a.shape == b.shape == x.shape and a.dtype == b.dtype == x.dtype
+        # fp32 inputs (coefficients, parameters) of a bf16 op get fp32 gradients, as precise as fp32 math allows.
+        torch.testing.assert_close(a, b, **(fp32_input_tol if fp32_input_tol and x.dtype != dtype else tol))
+
+
+@pytest.mark.parametrize("spread", [4.0, 1e4], ids=["multiplicative", "log-space"])
+def test_torch_path_sinkhorn_gradcheck_and_wide_logits(spread):
+    """The fused Sinkhorn switches to the log-space form when the logits are too wide for `exp`: same function."""
+    from transformers_mhc.models.mhc_fused import MultiplicativeSinkhornFunction, sinkhorn_knopp_fused
+
+    logits = (torch.rand(16, 4, 4) * 2 - 1) * spread
+    torch.testing.assert_close(
+        sinkhorn_knopp_fused(logits, 20), sinkhorn_knopp(logits, 20), rtol=1e-5, atol=1e-6
+    )
+    z = torch.randn(3, 3, 5, dtype=torch.float64, requires_grad=True)  # [n, n, N]: the batch-last layout
+    assert torch.autograd.gradcheck(lambda t: MultiplicativeSinkhornFunction.apply(t, 7), (z,))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "expanded"])
+def test_torch_path_read_matches_the_formulas(n, dtype, layout):
+    """The fused read (coefficients, pre-mix and the norm in one Function) against its parts composed plainly,
+    gradients of the norm's weight included; `expanded`: the streams as `expand_streams` makes them (stride 0)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+
+    c = 7
+    (x, phi, alpha, bias), (eps,) = _op_inputs("mhc_coefficients", n, dtype, c=c)
+    if layout == "expanded":
+        x = _leaf(torch.randn(2, 5, 1, c).to(dtype)).expand(2, 5, n, c)
+    else:
+        x = _leaf(x.view(2, 5, n, c))
+    norm = LlamaRMSNorm(c, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(c, generator=torch.Generator().manual_seed(3)).to(dtype))
+    params = [x, phi, alpha, bias, norm.weight]
+    fused = TORCH_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
+    reference = REFERENCE_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    _assert_same(fused, reference, [p for p in params if p.is_leaf] + ([] if x.is_leaf else [x]), tol)

@@ -552,9 +552,10 @@ def test_hyper_connections_wrap_mixer_and_mlp():
     gain = signal_gain(model, torch.randint(3, VOCAB, (1, 8)))
     assert len(gain["per_layer"]) == 4 and gain["forward"] >= 1 - 1e-4
 
-    # One stream without hyper-connections is the plain residual model.
+    # One stream without hyper-connections is the plain residual model: parameter-free `Residual` connections.
     plain = make_model()
-    assert not hasattr(plain.model.layers[0], "attn_hc")
+    assert type(plain.model.layers[0].attn_hc).__name__ == "Residual"
+    assert not any("_hc." in name for name, _ in plain.named_parameters())
 
 
 def test_hc_recompute_gives_the_same_gradients():

@@ -137,7 +137,7 @@ def test_h_res_doubly_stochastic_at_init(n):
     streams = torch.randn(2, 9, n, TINY["hidden_size"])
     for module in model.modules():
         if isinstance(module, HyperConnection):
-            _, _, h_res = module(streams)
+            _, _, h_res = module.coefficients(streams)
             assert (h_res.sum(-1) - 1).abs().max() <= 1e-6
             assert (h_res.sum(-2) - 1).abs().max() <= 1e-3
 
@@ -158,7 +158,7 @@ def test_signal_gain_reports_the_column_error_of_badly_conditioned_h_res():
     expected_forward, expected_backward = [], []
     for module in model.modules():
         if isinstance(module, HyperConnection):
-            h_res = module(torch.zeros(1, 1, n, TINY["hidden_size"]))[2][0, 0]
+            h_res = module.coefficients(torch.zeros(1, 1, n, TINY["hidden_size"]))[2][0, 0]
             assert (h_res.sum(-1) - 1).abs().max() <= 1e-6  # rows still exact
             composite = h_res @ composite
             expected_forward.append(composite.abs().sum(-1).max().item())
@@ -214,7 +214,7 @@ def test_deepseek_v4_convention_matches_transformers():
 
     streams = torch.randn(2, 5, n, c)
     post, comb, collapsed = reference(streams)
-    h_pre, h_post, h_res = ours(streams)
+    h_pre, h_post, h_res = ours.coefficients(streams)
     torch.testing.assert_close(h_post, post, atol=1e-5, rtol=0)
     torch.testing.assert_close(h_res, comb.transpose(-1, -2), atol=1e-5, rtol=0)
     from transformers_mhc.models.mhc_ops import hc_pre_mix, hc_res_post_mix
@@ -347,7 +347,7 @@ def test_bf16_forward_backward_keeps_fp32_coefficients():
     ids = torch.randint(0, TINY["vocab_size"], (2, 8))
     seen = []
     hook = model.model.layers[0].attn_hc.register_forward_hook(
-        lambda m, i, o: seen.append([t.dtype for t in o])
+        lambda m, i, o: seen.append([t.dtype for t in o[1][:3]])
     )
     out = model(ids, labels=ids)
     hook.remove()
@@ -393,7 +393,13 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(tmp_path, mode):
     model.save_pretrained(tmp_path / "ckpt")
     saved_config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved_config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhc.MHCForCausalLM"
-    for name in ("configuration_mhc.py", "modeling_mhc.py", "hyper_connection.py", "mhc_ops.py"):
+    for name in (
+        "configuration_mhc.py",
+        "modeling_mhc.py",
+        "hyper_connection.py",
+        "mhc_ops.py",
+        "mhc_fused.py",
+    ):
         assert (tmp_path / "ckpt" / name).is_file(), name
 
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))

@@ -31,7 +31,9 @@ def signal_gain(
     """
     hc_modules = [m for m in model.modules() if isinstance(m, HyperConnection)]
     captured: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out[2].float())) for m in hc_modules]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: captured.append(out[1].h_res.float())) for m in hc_modules
+    ]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:

@@ -13,28 +13,148 @@
 # limitations under the License.
 """Hyper-connection modules shared by every model of the package.
 
-A token's residual state is `n` streams, `[batch, seq, n, hidden]`. Around each sub-layer `F`:
+A token's residual state is `n` streams, `[batch, seq, n, hidden]`. Around each sub-layer `F` (attention, MLP):
 
-    h_pre, h_post, h_res = hyper_connection(streams)             # HyperConnection below
-    f = F(hc_pre_mix(h_pre, streams))                            # read:  Σ_j h_pre_j x_j
-    streams = hc_res_post_mix(h_res, streams, h_post, f)         # write: h_res · x + h_postᵀ · f
+    sublayer_input, read = hc(streams, norm)     # the read: norm(Σ_j h_pre_j x_j), and h_pre, h_post, h_res
+    streams = hc.write(read, F(sublayer_input))  # the write: h_res · x + h_postᵀ · F(...)
 
-`HyperConnection` only computes the coefficients (in fp32), so forward hooks on it see every
-`h_res` (used by `transformers_mhc.signal_gain`) and PEFT's `modules_to_save` can target it by name.
+`HyperConnection` does this for HC and mHC, `Residual` for a plain residual (`hyper_connection="none"`, one
+stream: `x + F(norm(x))`), so a decoder layer reads the same in every mode. Forward hooks on a `HyperConnection`
+see the coefficients (`output[1].h_res`, used by `transformers_mhc.signal_gain`), and PEFT's `modules_to_save`
+can target it by name.
+
+The arithmetic is in `mhc_ops` (the paper's formulas, the references), `mhc_fused` (the torch path) and the Triton
+kernels; `mhc_implementation` picks one. `run_layers` runs a stack of decoder layers, with the selective
+recomputation of `hc_recompute` when asked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import initialization as init
 
-from .mhc_ops import mhc_coefficients, sinkhorn_knopp, sinkhorn_knopp_deepseek_v4
+from . import mhc_ops
+from .mhc_fused import (
+    hc_pre_mix_fused,
+    hc_res_post_mix_fused,
+    mhc_coefficients_fused,
+    mhc_read_fused,
+    sinkhorn_knopp_fused,
+)
+from .mhc_ops import sinkhorn_knopp_deepseek_v4, use_triton_kernels
+
+try:  # The Triton fast path is optional: absent where the package is not installed (remote code).
+    from transformers_mhc.kernels.mhc import (
+        can_launch_on,
+        hc_pre_mix_triton,
+        hc_res_post_mix_triton,
+        mhc_coefficients_triton,
+        sinkhorn_knopp_triton,
+    )
+except ImportError:
+    can_launch_on = hc_pre_mix_triton = hc_res_post_mix_triton = mhc_coefficients_triton = None
+    sinkhorn_knopp_triton = None
+
+
+class HCRead(NamedTuple):
+    """What the read of a sub-layer hands to its write: the coefficients (fp32; `None` for a plain residual) and the
+    streams the write adds to (the read's input, passed on as the read's output: see `mhc_fused.mhc_read_fused`)."""
+
+    h_pre: torch.Tensor | None
+    h_post: torch.Tensor | None
+    h_res: torch.Tensor | None
+    streams: torch.Tensor
+
+
+class HCOps(NamedTuple):
+    """One implementation of the hyper-connection ops, each with the signature of its reference."""
+
+    name: str
+    mhc_read: Callable  # reference: `compose_read` of the two below
+    mhc_coefficients: Callable  # reference: `mhc_ops.mhc_coefficients`
+    sinkhorn_knopp: Callable  # reference: `mhc_ops.sinkhorn_knopp`
+    hc_pre_mix: Callable  # reference: `mhc_ops.hc_pre_mix`
+    hc_res_post_mix: Callable  # reference: `mhc_ops.hc_res_post_mix`
+
+
+def normed_pre_mix(
+    norm: nn.Module, pre_mix: Callable, h_pre: torch.Tensor, streams: torch.Tensor
+) -> torch.Tensor:
+    """`norm(pre_mix(h_pre, streams))`, the sub-layer input. In training it is recomputed in backward rather than
+    kept: backward keeps the streams anyway, and the mixed input and the norm's intermediates are cheap to redo from
+    them (one sub-layer width less per sub-layer; the same numbers either way)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return checkpoint(
+            _normed_pre_mix,
+            norm,
+            pre_mix,
+            h_pre,
+            streams,
+            use_reentrant=False,
+            preserve_rng_state=False,  # deterministic: nothing random to replay
+            determinism_check="none",
+        )
+    return _normed_pre_mix(norm, pre_mix, h_pre, streams)
+
+
+def _normed_pre_mix(norm, pre_mix, h_pre, streams):
+    return norm(pre_mix(h_pre, streams))
+
+
+def compose_read(coefficients: Callable, pre_mix: Callable) -> Callable:
+    """The read of an mHC sub-layer from its parts: `(norm(pre_mix(h_pre, x)), h_pre, h_post, h_res logits, x)`."""
+
+    def mhc_read(x, phi, alpha, static_bias, eps, norm):
+        h_pre, h_post, res_logits = coefficients(x.flatten(-2), phi, alpha, static_bias, eps)
+        return normed_pre_mix(norm, pre_mix, h_pre, x), h_pre, h_post, res_logits, x
+
+    return mhc_read
+
+
+REFERENCE_OPS = HCOps(
+    "reference",
+    compose_read(mhc_ops.mhc_coefficients, mhc_ops.hc_pre_mix),
+    mhc_ops.mhc_coefficients,
+    mhc_ops.sinkhorn_knopp,
+    mhc_ops.hc_pre_mix,
+    mhc_ops.hc_res_post_mix,
+)
+TORCH_OPS = HCOps(
+    "torch",
+    mhc_read_fused,
+    mhc_coefficients_fused,
+    sinkhorn_knopp_fused,
+    hc_pre_mix_fused,
+    hc_res_post_mix_fused,
+)
+TRITON_OPS = HCOps(
+    "triton",
+    compose_read(mhc_coefficients_triton, hc_pre_mix_triton),
+    mhc_coefficients_triton,
+    sinkhorn_knopp_triton,
+    hc_pre_mix_triton,
+    hc_res_post_mix_triton,
+)
+
+
+def mhc_implementation(kernel_backend: str, streams: torch.Tensor, *params: torch.Tensor) -> HCOps:
+    """The one dispatch point of the hyper-connection ops: the implementation that runs on `streams` (`[..., n, C]`)
+    with `params`. `kernel_backend` (the config field): `"torch"` the torch path, `"triton"` the Triton kernels,
+    `"auto"` the kernels where they support the inputs (see `mhc_ops.use_triton_kernels`)."""
+    n = streams.shape[-2]
+    unsupported = f"{n} streams > {mhc_ops.MAX_TRITON_STREAMS}" if n > mhc_ops.MAX_TRITON_STREAMS else None
+    if use_triton_kernels("mhc", kernel_backend, (streams, *params), can_launch_on, unsupported):
+        return TRITON_OPS
+    return TORCH_OPS
+
 
 # sigmoid(20) rounds to exactly 1.0 in fp32: the largest logit we ever need for "weight 1".
 _MAX_LOGIT = 20.0
@@ -51,7 +171,8 @@ def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class HyperConnection(nn.Module):
     r"""
-    Computes the hyper-connection coefficients of one sub-layer (attention or MLP) from the `n` streams.
+    The hyper-connection of one sub-layer (attention or MLP): reads its input from the `n` streams, writes its output
+    back (`write`).
 
     - `"mhc"`, paper convention: the flattened streams are RMS-normalised, one fused projection `phi`
       (`nC -> n² + 2n`) gives the dynamic logits, gated by `alpha` and shifted by `static_bias`;
@@ -61,8 +182,9 @@ class HyperConnection(nn.Module):
     - `"hc"`: dynamic HC of Zhu et al. — per-stream RMSNorm, a per-stream projection `C -> n + 2`, `tanh`, no
       Sinkhorn; stream `i`'s projection gives `h_pre_i`, `h_post_i` and column `i` of `h_res`.
 
-    Returns `(h_pre [..., n], h_post [..., n], h_res [..., n, n])` in fp32. Without `hc_dynamic` only the static
-    biases remain and the coefficients broadcast over tokens (shape `[1, 1, ...]`).
+    Called as `hc(streams, norm)`, returns the sub-layer's input `norm(Σ_j h_pre_j x_j)` and `(h_pre
+    [..., n], h_post [..., n], h_res [..., n, n])` in fp32. Without `hc_dynamic` only the static biases remain and
+    the coefficients broadcast over tokens (shape `[1, 1, ...]`).
 
     Args:
         config: an `MHCConfig` (or any config carrying the `hc_*` fields).
@@ -124,8 +246,37 @@ class HyperConnection(nn.Module):
                 init.zeros_(self.phi)  # HC paper: W = 0
             init.constant_(self.alpha, config.hc_gate_init)
 
-    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, backend = self.num_streams, self.config.kernel_backend
+    def forward(self, streams: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, HCRead]:
+        """The read of the sub-layer: its input `norm(Σ_j h_pre_j x_j)`, and what `write` needs."""
+        ops = self.ops(streams)
+        if self.mode == "mhc" and self.convention == "paper" and self.dynamic:
+            sublayer_input, h_pre, h_post, res_logits, streams = ops.mhc_read(
+                streams, self.phi, self.alpha, self.static_bias, self.norm_eps, norm
+            )
+            h_res = ops.sinkhorn_knopp(res_logits, self.sinkhorn_iterations)
+            return sublayer_input, HCRead(h_pre, h_post, h_res, streams)
+        h_pre, h_post, h_res = self.coefficients(streams, ops)
+        return normed_pre_mix(norm, ops.hc_pre_mix, h_pre, streams), HCRead(h_pre, h_post, h_res, streams)
+
+    def write(self, read: HCRead, output: torch.Tensor) -> torch.Tensor:
+        """The streams after the sub-layer: `h_res · x + h_postᵀ · output`."""
+        return self.ops(read.streams).hc_res_post_mix(read.h_res, read.streams, read.h_post, output)
+
+    def ops(self, streams: torch.Tensor) -> HCOps:
+        """The implementation of the ops for these streams (`config.kernel_backend` is read at call time)."""
+        return mhc_implementation(self.config.kernel_backend, streams, *self.parameters())
+
+    def coefficients(
+        self, streams: torch.Tensor, ops: HCOps | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The coefficients alone (fp32), as the read computes them."""
+        ops = ops or self.ops(streams)
+        n = self.num_streams
+        if self.mode == "mhc" and self.convention == "paper" and self.dynamic:
+            h_pre, h_post, res_logits = ops.mhc_coefficients(
+                streams.flatten(-2), self.phi, self.alpha, self.static_bias, self.norm_eps
+            )
+            return (h_pre, h_post, ops.sinkhorn_knopp(res_logits, self.sinkhorn_iterations))
         pre_bias, post_bias, res_bias = self.static_bias.float().split([n, n, n * n])
         res_bias = res_bias.view(n, n)
 
@@ -134,9 +285,9 @@ class HyperConnection(nn.Module):
             post_logits = post_bias.view(1, 1, n)
             res_logits = res_bias.view(1, 1, n, n)
             if self.mode == "hc":
-                return pre_logits, post_logits, res_logits
+                return (pre_logits, post_logits, res_logits)
             h_pre, h_post = torch.sigmoid(pre_logits), 2 * torch.sigmoid(post_logits)
-            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations, backend)
+            return (h_pre, h_post, ops.sinkhorn_knopp(res_logits, self.sinkhorn_iterations))
 
         if self.mode == "hc":
             normed = _rms_normalize(streams.float(), self.norm_eps)
@@ -145,13 +296,7 @@ class HyperConnection(nn.Module):
             h_pre = pre_bias + alpha[0] * proj[..., 0]
             h_post = post_bias + alpha[1] * proj[..., 1]
             h_res = res_bias + alpha[2] * proj[..., 2:].transpose(-1, -2)
-            return h_pre, h_post, h_res
-
-        if self.convention == "paper":
-            h_pre, h_post, res_logits = mhc_coefficients(
-                streams.flatten(-2), self.phi, self.alpha, self.static_bias, self.norm_eps, backend
-            )
-            return h_pre, h_post, sinkhorn_knopp(res_logits, self.sinkhorn_iterations, backend)
+            return (h_pre, h_post, h_res)
 
         # deepseek_v4 convention
         mixes = F.linear(_rms_normalize(streams.flatten(-2).float(), self.norm_eps), self.phi.float())
@@ -160,7 +305,24 @@ class HyperConnection(nn.Module):
         h_pre = torch.sigmoid(pre_mix * alpha[0] + pre_bias) + self.hc_eps
         h_post = 2 * torch.sigmoid(post_mix * alpha[1] + post_bias)
         res_logits = res_mix.unflatten(-1, (n, n)) * alpha[2] + res_bias
-        return h_pre, h_post, sinkhorn_knopp_deepseek_v4(res_logits, self.sinkhorn_iterations, self.hc_eps)
+        h_res = sinkhorn_knopp_deepseek_v4(res_logits, self.sinkhorn_iterations, self.hc_eps)
+        return (h_pre, h_post, h_res)
+
+
+class Residual(nn.Module):
+    """A plain residual connection behind the interface of `HyperConnection` (`hyper_connection="none"`): one
+    stream, the read is `norm(x)`, the write `x + output` — exactly a Llama layer. No parameters."""
+
+    def forward(self, streams: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, HCRead]:
+        return norm(streams.squeeze(-2)), HCRead(None, None, None, streams)
+
+    def write(self, read: HCRead, output: torch.Tensor) -> torch.Tensor:
+        return read.streams + output.unsqueeze(-2)
+
+
+def hyper_connection(config, sublayer_idx: int) -> HyperConnection | Residual:
+    """The connection of one sub-layer for `config.hyper_connection` (`"mhc"`, `"hc"` or `"none"`)."""
+    return Residual() if config.hyper_connection == "none" else HyperConnection(config, sublayer_idx)
 
 
 class StreamReadout(nn.Module):
@@ -218,60 +380,97 @@ def position_ids_skipping_padding(
     return positions.clamp(min=0)[:, -seq_len:]
 
 
-# Selective checkpointing for models whose layer segments run under `torch.utils.checkpoint` with the
-# policy below (used by `modeling_decay_linear_attn`): ops inside a sub-layer (marked by
-# `inside_sublayer()`) are saved, the hyper-connection arithmetic around them is recomputed.
-_SUBLAYER_DEPTH = 0
-
-
-@contextlib.contextmanager
-def inside_sublayer():
-    global _SUBLAYER_DEPTH
-    _SUBLAYER_DEPTH += 1
-    try:
-        yield
-    finally:
-        _SUBLAYER_DEPTH -= 1
-
-
-# Selective checkpointing rejects a cached tensor that is mutated after it was cached, so buffers written in place
-# after they are made are recomputed, never cached: uninitialised ones, which a Triton kernel (invisible to the
-# dispatcher) fills, and the `diag_embed` that `decay_ops`' vector-decay scores fill block by block; so are the
-# in-place writes themselves and views (which alias such a buffer). None of them costs more than an allocation.
-_FILLED_LATER = {
-    torch.ops.aten.empty.memory_format,
-    torch.ops.aten.empty_like.default,
-    torch.ops.aten.empty_strided.default,
-    torch.ops.aten.new_empty.default,
-    torch.ops.aten.new_empty_strided.default,
-    torch.ops.aten.diag_embed.default,
+# Selective recomputation (`config.hc_recompute`, mHC paper §5.6), by torch's selective activation checkpointing:
+# per segment of `config.recompute_interval` layers, only the segment's input streams and the outputs of the
+# matrix products and attention are kept; everything between them — the hyper-connection arithmetic, norms,
+# activations, RoPE — is recomputed in backward. The kept outputs are never written in place afterwards (which
+# the checkpoint would reject); a Triton kernel's output is not an op output at all, it is simply recomputed.
+_KEPT_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
 }
 
 
-def _cheap_or_mutating(op) -> bool:
-    """Allocations filled later, in-place ops and views (which alias a buffer that may be written later)."""
-    schema = op._schema
-    return op in _FILLED_LATER or schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def keep_sublayer_activations(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if _SUBLAYER_DEPTH > 0 and not _cheap_or_mutating(op):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def run_layers(layers, hidden_streams: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+def _run_segment(layers, hidden_streams: torch.Tensor, layer_kwargs: dict, readout):
+    states = []
     for decoder_layer in layers:
         hidden_streams = decoder_layer(hidden_streams, **layer_kwargs)
-    return hidden_streams
+        if readout is not None:
+            states.append(readout(hidden_streams))
+    return hidden_streams, tuple(states)
+
+
+def run_layers(
+    layers,
+    hidden_streams: torch.Tensor,
+    layer_kwargs: dict,
+    recompute_interval: int | None = None,
+    readout=None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Runs `layers` on the streams; returns the final streams and, with a `readout`, its output after every layer.
+
+    `recompute_interval`: run the layers in checkpointed segments of that many layers (selective recomputation);
+    `None` runs them plainly.
+    """
+    if recompute_interval is None:
+        return _run_segment(layers, hidden_streams, layer_kwargs, readout)
+    states = ()
+    for start in range(0, len(layers), recompute_interval):
+        hidden_streams, segment_states = checkpoint(
+            _run_segment,
+            layers[start : start + recompute_interval],
+            hidden_streams,
+            layer_kwargs,
+            readout,
+            use_reentrant=False,
+            context_fn=partial(create_selective_checkpoint_contexts, _keep_products),
+        )
+        states += segment_states
+    return hidden_streams, states
+
+
+def selective_recompute_interval(model: nn.Module) -> int | None:
+    """`config.recompute_interval` when `hc_recompute` applies to this forward of `model` (training with gradients,
+    hyper-connections on, no whole-layer gradient checkpointing, which recomputes everything already), else `None`."""
+    config = model.config
+    if (
+        config.hc_recompute
+        and config.hyper_connection != "none"
+        and model.training
+        and torch.is_grad_enabled()
+        and not model.gradient_checkpointing
+    ):
+        return max(config.recompute_interval, 1)
+    return None
 
 
 __all__ = [
+    "HCRead",
+    "HCOps",
     "HyperConnection",
+    "REFERENCE_OPS",
+    "Residual",
     "StreamReadout",
+    "TORCH_OPS",
+    "TRITON_OPS",
     "expand_streams",
-    "inside_sublayer",
-    "keep_sublayer_activations",
+    "compose_read",
+    "hyper_connection",
+    "normed_pre_mix",
+    "mhc_implementation",
     "position_ids_skipping_padding",
     "run_layers",
+    "selective_recompute_interval",
 ]

@@ -21,11 +21,9 @@ code that we fixed, listed in its docstring).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -57,12 +55,11 @@ from .hyper_connection import (
     HyperConnection,
     StreamReadout,
     expand_streams,
-    inside_sublayer,
-    keep_sublayer_activations,
+    hyper_connection,
     position_ids_skipping_padding,
     run_layers,
+    selective_recompute_interval,
 )
-from .mhc_ops import hc_pre_mix, hc_res_post_mix
 
 
 def tokens_seen(cache: Cache | None, config: DecayLinearAttnConfig) -> int:
@@ -88,10 +85,8 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: DecayLinearAttnConfig, layer_idx: int):
         super().__init__()
-        self.config = config  # read at call time: `config.kernel_backend` may be changed after building
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
-        self.hyper_connection = config.hyper_connection
         if self.layer_type == "linear_attention":
             self.linear_attn = DecayLinearAttention(config, layer_idx)
         else:
@@ -99,10 +94,9 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if self.hyper_connection != "none":
-            # Token mixer and MLP are separate sub-layers, each with its own coefficients (as in `MHCDecoderLayer`).
-            self.attn_hc = HyperConnection(config, sublayer_idx=2 * layer_idx)
-            self.mlp_hc = HyperConnection(config, sublayer_idx=2 * layer_idx + 1)
+        # Token mixer and MLP are separate sub-layers, each with its own coefficients (as in `MHCDecoderLayer`).
+        self.attn_hc = hyper_connection(config, sublayer_idx=2 * layer_idx)
+        self.mlp_hc = hyper_connection(config, sublayer_idx=2 * layer_idx + 1)
 
     def _mix_tokens(
         self,
@@ -146,47 +140,24 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         """`hidden_streams`: `[batch, seq, num_streams, hidden]`; `attention_mask` maps a layer type to its mask."""
-        attention_mask = attention_mask or {}
-        backend = self.config.kernel_backend
         # Token mixer
-        if self.hyper_connection == "none":
-            mixer_input = hidden_streams.squeeze(-2)
-        else:
-            h_pre, h_post, h_res = self.attn_hc(hidden_streams)
-            mixer_input = hc_pre_mix(h_pre, hidden_streams, kernel_backend=backend)
-        with inside_sublayer():
-            mixer_output = self._mix_tokens(
-                self.input_layernorm(mixer_input),
-                attention_mask,
-                cache,
-                rope_angles,
-                decay_lower_bounds,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-        if self.hyper_connection == "none":
-            hidden_streams = hidden_streams + mixer_output.unsqueeze(-2)
-        else:
-            hidden_streams = hc_res_post_mix(
-                h_res, hidden_streams, h_post, mixer_output, kernel_backend=backend
-            )
+        mixer_input, mixer_read = self.attn_hc(hidden_streams, self.input_layernorm)
+        mixer_output = self._mix_tokens(
+            mixer_input,
+            attention_mask or {},
+            cache,
+            rope_angles,
+            decay_lower_bounds,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_streams = self.attn_hc.write(mixer_read, mixer_output)
 
         # MLP
-        if self.hyper_connection == "none":
-            mlp_input = hidden_streams.squeeze(-2)
-        else:
-            h_pre, h_post, h_res = self.mlp_hc(hidden_streams)
-            mlp_input = hc_pre_mix(h_pre, hidden_streams, kernel_backend=backend)
-        with inside_sublayer():
-            mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
-        if self.hyper_connection == "none":
-            hidden_streams = hidden_streams + mlp_output.unsqueeze(-2)
-        else:
-            hidden_streams = hc_res_post_mix(
-                h_res, hidden_streams, h_post, mlp_output, kernel_backend=backend
-            )
+        mlp_input, mlp_read = self.mlp_hc(hidden_streams, self.post_attention_layernorm)
+        hidden_streams = self.mlp_hc.write(mlp_read, self.mlp(mlp_input))
         return hidden_streams
 
 
@@ -297,6 +268,9 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
         )
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputed forward would update the recurrent state twice
+        recompute_interval = selective_recompute_interval(self)
+        if recompute_interval is not None:
+            use_cache, cache = False, None  # the same for the recomputed segments of `hc_recompute`
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -367,31 +341,15 @@ class DecayLinearAttnModel(DecayLinearAttnPreTrainedModel):
             decay_lower_bounds=lower_bounds,
             **kwargs,
         )
-        layers = self.layers[: self.config.num_hidden_layers]
-        recompute = (
-            self.config.hyper_connection != "none"
-            and self.config.hc_recompute
-            and self.training
-            and torch.is_grad_enabled()
+        hidden_streams, layer_states = run_layers(
+            self.layers[: self.config.num_hidden_layers],
+            hidden_streams,
+            layer_kwargs,
+            recompute_interval=recompute_interval,
+            readout=self.stream_readout if output_hidden_states else None,
         )
-        segment = self.config.recompute_interval if recompute else 1
-        for start in range(0, len(layers), segment):
-            segment_layers = layers[start : start + segment]
-            if recompute:
-                # Selective recomputation (`hc_recompute`, mHC paper §5.6): the sub-layers' activations are kept,
-                # the hyper-connection arithmetic between them is recomputed in backward.
-                hidden_streams = checkpoint(
-                    run_layers,
-                    segment_layers,
-                    hidden_streams,
-                    layer_kwargs,
-                    use_reentrant=False,
-                    context_fn=partial(create_selective_checkpoint_contexts, keep_sublayer_activations),
-                )
-            else:
-                hidden_streams = run_layers(segment_layers, hidden_streams, layer_kwargs)
-            if output_hidden_states:
-                all_hidden_states += (self.stream_readout(hidden_streams),)
+        if output_hidden_states:
+            all_hidden_states += layer_states
 
         hidden_states = self.norm(self.stream_readout(hidden_streams))
         if output_hidden_states:

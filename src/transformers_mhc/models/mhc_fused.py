@@ -1,0 +1,403 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The torch path of the hyper-connection ops: the formulas of `mhc_ops` with hand-written backwards.
+
+Same signatures and results as the references in `mhc_ops` (tests compare them); faster in eager PyTorch, on CPU
+above all, where many small kernels cost more than the arithmetic:
+
+- every Function saves only its inputs, and its backward makes one pass per output gradient (batched matmuls,
+  fused multiply-adds) instead of autograd's chain of elementwise kernels;
+- Sinkhorn-Knopp runs in the multiplicative form (2 kernels per normalisation instead of ~8 in log space) with the
+  batch innermost, whenever the logits are within a range where its `exp` cannot underflow — the same function,
+  proven below; wider logits take the reference's log-space form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .mhc_ops import hc_pre_mix, num_streams_of, sinkhorn_knopp
+
+
+# --------------------------------------------------------------------------------------------------
+# Coefficients
+# --------------------------------------------------------------------------------------------------
+def mhc_coefficients_fused(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static_bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mhc_ops.mhc_coefficients` in one Function (without gradients: its forward alone)."""
+    n = num_streams_of(phi)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    if _needs_grad(x, phi, alpha, static_bias):
+        h_pre, h_post, res = MHCCoefficientsFunction.apply(x, phi, alpha, static_bias, eps)
+    else:
+        h_pre, h_post, res = _coefficients(x, phi, alpha, static_bias, eps)[:3]
+    return h_pre.view(*lead, n), h_post.view(*lead, n), res.view(*lead, n, n)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    # Decoding runs without gradients: skipping the Function there saves its per-call overhead (a few µs, 8 per layer).
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _coefficients(x, phi, alpha, static_bias, eps):
+    """The forward of `MHCCoefficientsFunction` on `[N, nC]`: the outputs, then what its backward needs."""
+    n = num_streams_of(phi)
+    xf = x.float()
+    inv_rms = (
+        torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    )
+    raw = xf @ phi.float().t()
+    alpha_f = alpha.float()
+    gates = torch.cat([alpha_f[0].expand(n), alpha_f[1].expand(n), alpha_f[2].expand(n * n)])
+    logits = (raw * inv_rms).mul_(gates).add_(static_bias.float())
+    h_pre = torch.sigmoid(logits[:, :n])
+    h_post = torch.sigmoid(logits[:, n : 2 * n]).mul_(2)
+    res = logits[:, 2 * n :].contiguous()
+    return h_pre, h_post, res, inv_rms, raw, gates
+
+
+class MHCCoefficientsFunction(torch.autograd.Function):
+    """`mhc_coefficients` on `[N, nC]` streams with a hand-written backward.
+
+    The sum of squares is one reduction (`vector_norm`), nothing `nC`-wide is saved except the input itself (which
+    the stream mixing saves anyway), and the input gradient is one matmul plus one fused multiply-add:
+    `dx = (g/r) φ - (Σ g·(xφ)) / (r³ nC) · x` with `1/r` the inverse RMS.
+    """
+
+    @staticmethod
+    def forward(ctx, x, phi, alpha, static_bias, eps):
+        h_pre, h_post, res, inv_rms, raw, gates = _coefficients(x, phi, alpha, static_bias, eps)
+        ctx.save_for_backward(x, phi, inv_rms, raw, gates, h_pre, h_post)
+        ctx.meta = (num_streams_of(phi), x.shape[-1], alpha.dtype, static_bias.dtype)
+        return h_pre, h_post, res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pre, grad_post, grad_res):
+        grad_x, grad_phi, grad_alpha, grad_bias = _coefficients_backward(
+            ctx.saved_tensors, ctx.meta, ctx.needs_input_grad[:4], grad_pre, grad_post, grad_res
+        )
+        return (
+            None if grad_x is None else grad_x.to(ctx.saved_tensors[0].dtype),
+            grad_phi,
+            grad_alpha,
+            grad_bias,
+            None,
+        )
+
+
+def _coefficients_backward(saved, meta, needs, grad_pre, grad_post, grad_res, grad_x_initial=None):
+    """Gradients of `_coefficients` w.r.t. (x as fp32 `[N, nC]`, phi, alpha, static_bias), each `None` if not needed;
+    the one of x is added to `grad_x_initial` (fp32 `[N, nC]`) when given."""
+    x, phi, inv_rms, raw, gates, h_pre, h_post = saved
+    n, width, alpha_dtype, bias_dtype = meta
+    zeros = raw.new_zeros(raw.shape[0], n)
+    grad_logits = torch.cat(
+        [
+            grad_pre.float() * h_pre * (1 - h_pre) if grad_pre is not None else zeros,
+            grad_post.float() * h_post * (1 - h_post / 2) if grad_post is not None else zeros,
+            grad_res.float() if grad_res is not None else raw.new_zeros(raw.shape[0], n * n),
+        ],
+        dim=-1,
+    )
+    grad_x = grad_phi = grad_alpha = grad_bias = None
+    grad_proj = grad_logits * gates
+    grad_raw = grad_proj * inv_rms
+    if needs[0]:
+        # d(1/r)/dx = -(1/r)³ x / nC
+        coef = (grad_proj * raw).sum(dim=-1, keepdim=True) * inv_rms.pow(3) / -width
+        if grad_x_initial is None:
+            grad_x = grad_raw @ phi.float()
+        else:  # a new buffer, so whatever autograd handed in stays untouched
+            grad_x = torch.addmm(grad_x_initial, grad_raw, phi.float())
+        grad_x.addcmul_(x.float(), coef)
+    if needs[1]:
+        grad_phi = (grad_raw.t() @ x.float()).to(phi.dtype)
+    if needs[2]:
+        per_gate = (grad_logits * (raw * inv_rms)).sum(dim=0)
+        grad_alpha = torch.stack([per_gate[:n].sum(), per_gate[n : 2 * n].sum(), per_gate[2 * n :].sum()])
+        grad_alpha = grad_alpha.to(alpha_dtype)
+    if needs[3]:
+        grad_bias = grad_logits.sum(dim=0).to(bias_dtype)
+    return grad_x, grad_phi, grad_alpha, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# The read: coefficients and the normalised sub-layer input, one autograd node
+# --------------------------------------------------------------------------------------------------
+def mhc_read_fused(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    static_bias: torch.Tensor,
+    eps: float,
+    norm: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hyper_connection.compose_read` (the coefficients, `norm(hc_pre_mix(h_pre, x))` and the streams for the write)
+    as one Function.
+
+    A sub-layer's streams `x` feed the coefficients, the pre-mix and the write. Here they feed a single autograd node:
+    the write takes the streams this node passes through, so their gradient reaches this node's backward, which adds
+    every other term of `dL/dx` to it in the same buffer (autograd would give each consumer its own `[N, n, C]`
+    gradient and then sum them). As with a checkpoint, neither the mixed input nor the norm's intermediates are
+    kept: backward recomputes them from `x` and `h_pre`.
+    """
+    lead, (n, width) = x.shape[:-2], x.shape[-2:]
+    flat = x.reshape(-1, n, width)
+    norm_params = (
+        tuple(p for p in norm.parameters() if p.requires_grad) if isinstance(norm, nn.Module) else ()
+    )
+    if _needs_grad(flat, phi, alpha, static_bias, *norm_params) and not torch.compiler.is_compiling():
+        outputs = MHCReadFunction.apply(norm, flat, phi, alpha, static_bias, eps, *norm_params)
+    else:
+        h_pre, h_post, res = _coefficients(flat.reshape(-1, n * width), phi, alpha, static_bias, eps)[:3]
+        outputs = (norm(hc_pre_mix(h_pre, flat)), h_pre, h_post, res, flat)
+    sublayer_input, h_pre, h_post, res, streams = outputs
+    return (
+        sublayer_input.view(*lead, -1),
+        h_pre.view(*lead, n),
+        h_post.view(*lead, n),
+        res.view(*lead, n, n),
+        streams.view(*lead, n, width),
+    )
+
+
+class MHCReadFunction(torch.autograd.Function):
+    """`mhc_read_fused` on `[N, n, C]` streams: the coefficients' Function, the pre-mix and the norm in one node,
+    which also passes the streams through (see `mhc_read_fused`).
+
+    Backward reruns the pre-mix and the norm (a module: its own autograd gives the gradients of its input and of its
+    parameters), then builds `dL/dx` in one buffer: the passed-through streams' gradient plus the coefficients'
+    projection term (one `addmm`), their RMS term and the pre-mix's `h_pre ⊗ g` (in place).
+    """
+
+    @staticmethod
+    def forward(ctx, norm, x, phi, alpha, static_bias, eps, *norm_params):
+        n_tokens, n, width = x.shape
+        h_pre, h_post, res, inv_rms, raw, gates = _coefficients(
+            x.reshape(n_tokens, n * width), phi, alpha, static_bias, eps
+        )
+        ctx.save_for_backward(x, phi, inv_rms, raw, gates, h_pre, h_post)
+        ctx.meta = (n, n * width, alpha.dtype, static_bias.dtype)
+        ctx.norm, ctx.norm_params = norm, norm_params
+        return norm(hc_pre_mix(h_pre, x)), h_pre, h_post, res, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_pre, grad_post, grad_res, grad_streams):
+        x, phi, inv_rms, raw, gates, h_pre, h_post = ctx.saved_tensors
+        grad_mixed = grad_params = None
+        if grad_out is not None:  # through the norm: rerun it on the recomputed mixed input
+            mixed = hc_pre_mix(h_pre, x).detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.norm(mixed)
+            grad_mixed, *grad_params = torch.autograd.grad(
+                out, (mixed, *ctx.norm_params), grad_out, allow_unused=True
+            )
+            # Through the pre-mix `Σ_j h_pre_j x_j`: to h_pre (a dot product per stream), and to x below.
+            grad_mixed = grad_mixed.float().contiguous()
+            grad_h = torch.bmm(x.float(), grad_mixed.unsqueeze(-1)).squeeze(-1)
+            grad_pre = grad_h if grad_pre is None else grad_pre.float() + grad_h
+        needs = (ctx.needs_input_grad[1], *ctx.needs_input_grad[2:5])
+        saved = (x.reshape(x.shape[0], -1), phi, inv_rms, raw, gates, h_pre, h_post)
+        initial = None if grad_streams is None else grad_streams.reshape(x.shape[0], -1).float()
+        grad_x, grad_phi, grad_alpha, grad_bias = _coefficients_backward(
+            saved, ctx.meta, needs, grad_pre, grad_post, grad_res, initial
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view_as(x)
+            if grad_mixed is not None:
+                grad_x.addcmul_(h_pre.unsqueeze(-1), grad_mixed.unsqueeze(-2))
+            grad_x = grad_x.to(x.dtype)
+        grad_params = grad_params or [None] * len(ctx.norm_params)
+        return None, grad_x, grad_phi, grad_alpha, grad_bias, None, *grad_params
+
+
+# --------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp, multiplicative form
+# --------------------------------------------------------------------------------------------------
+# When every matrix's logits lie within this range of each other, the smallest entry of any iterate stays far above
+# fp32's smallest normal number (the cross-ratios m_ij m_kl / (m_il m_kj) do not change under row and column
+# scaling, which bounds every entry below by about exp(-2 * range) / n^4), so the multiplicative and the log-space
+# forms agree to rounding.
+MULTIPLICATIVE_LOGIT_RANGE = 30.0
+
+
+def sinkhorn_knopp_fused(logits: torch.Tensor, num_iterations: int = 20) -> torch.Tensor:
+    """`mhc_ops.sinkhorn_knopp`, multiplicative where that is exact to rounding (a data-dependent check: eager only,
+    compiled code keeps the reference's branch-free log-space form)."""
+    if torch.compiler.is_compiling() or logits.dtype == torch.float64 or logits.numel() == 0:
+        return sinkhorn_knopp(logits, num_iterations)
+    z = _batch_last(logits.float())
+    spread = (z.amax(dim=(0, 1)) - z.amin(dim=(0, 1))).max()
+    if float(spread.detach()) > MULTIPLICATIVE_LOGIT_RANGE:
+        return sinkhorn_knopp(logits, num_iterations)
+    if _needs_grad(logits):
+        return _from_batch_last(MultiplicativeSinkhornFunction.apply(z, num_iterations), logits.shape)
+    return _from_batch_last(_multiplicative_iterates(z, num_iterations, keep=False)[0], logits.shape)
+
+
+def _batch_last(matrices: torch.Tensor) -> torch.Tensor:
+    """`[..., n, n]` -> `[n, n, N]`: the batch contiguous and innermost, so that on CPU every reduction and every
+    broadcasting division runs over contiguous length-`N` vectors instead of strided size-`n` dimensions."""
+    n = matrices.shape[-1]
+    return matrices.reshape(-1, n, n).permute(1, 2, 0).contiguous()
+
+
+def _from_batch_last(matrices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # Contiguous again: batched matmuls over batch-strided matrices fall back to one small matmul per token.
+    return matrices.permute(2, 0, 1).contiguous().view(shape)
+
+
+def _multiplicative_iterates(z: torch.Tensor, num_iterations: int, keep: bool):
+    """`exp(z - max)`, then alternate column and row normalisations by division, on `[n (i), n (j), N]`.
+
+    Returns the result, the first matrix and, with `keep` (for backward), every normalisation's `(output, sums)`.
+    """
+    m = torch.exp(z - z.amax(dim=(0, 1), keepdim=True))
+    first, steps = m, []
+    for step in range(2 * num_iterations):  # columns (sum over i), then rows (sum over j; last: exact rows)
+        sums = m.sum(dim=step % 2, keepdim=True)
+        if keep:
+            m = m / sums
+            steps.append((m, sums))
+        else:
+            m = m.div_(sums)
+    return m, first, steps
+
+
+class MultiplicativeSinkhornFunction(torch.autograd.Function):
+    """Multiplicative Sinkhorn-Knopp on `[n, n, N]` logits, saving only them; backward recomputes the iterates.
+
+    For `y = m / s` with `s = Σ_d m`: `dL/dm = (g - Σ_d g·y) / s`; through `m = exp(z - max)`, `dL/dz = m · dL/dm`
+    (the max is a constant shift that the normalisations cancel, so it carries no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, num_iterations: int) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.num_iterations = num_iterations
+        return _multiplicative_iterates(z, num_iterations, keep=False)[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        _, first, steps = _multiplicative_iterates(z, ctx.num_iterations, keep=True)
+        grad = grad.float()
+        for step in range(len(steps) - 1, -1, -1):
+            y, sums = steps[step]
+            grad = (grad - (grad * y).sum(dim=step % 2, keepdim=True)).div_(sums)
+        return grad.mul_(first), None
+
+
+# --------------------------------------------------------------------------------------------------
+# Stream mixing
+# --------------------------------------------------------------------------------------------------
+def hc_pre_mix_fused(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`mhc_ops.hc_pre_mix` as batched `[1, n] @ [n, C]` products (without gradients: the formula itself)."""
+    if not _needs_grad(h_pre, x):
+        return hc_pre_mix(h_pre, x)
+    lead, (n, width) = x.shape[:-2], x.shape[-2:]
+    h_pre = h_pre.float().expand(*lead, n).reshape(-1, n)  # broadcast: expand's backward sums the gradient
+    return HCPreMixFunction.apply(h_pre, x.reshape(-1, n, width)).view(*lead, width)
+
+
+class HCPreMixFunction(torch.autograd.Function):
+    """`hc_pre_mix` on `[N, n]` (fp32) and `[N, n, C]`, saving only the inputs."""
+
+    @staticmethod
+    def forward(ctx, h_pre, x):
+        ctx.save_for_backward(h_pre, x)
+        return torch.bmm(h_pre.unsqueeze(1), x.float()).squeeze(1).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h_pre, x = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_h = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.bmm(grad.unsqueeze(1), x.float().transpose(1, 2)).squeeze(1)
+        if ctx.needs_input_grad[1]:
+            grad_x = (h_pre.unsqueeze(2) * grad.unsqueeze(1)).to(x.dtype)  # outer product, one pass
+        return grad_h, grad_x
+
+
+def hc_res_post_mix_fused(
+    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor
+) -> torch.Tensor:
+    """`mhc_ops.hc_res_post_mix` in one batched matmul and one fused multiply-add."""
+    if not _needs_grad(
+        h_res, x, h_post, f
+    ):  # broadcasting matmul: no per-token expansion of the coefficients
+        mixed = h_res.float() @ x.float()
+        return mixed.addcmul_(h_post.float().unsqueeze(-1), f.float().unsqueeze(-2)).to(x.dtype)
+    lead, (n, width) = x.shape[:-2], x.shape[-2:]
+    lead = torch.broadcast_shapes(lead, f.shape[:-1])
+    # Broadcast coefficients are expanded per token (the backward of `expand` sums their gradients).
+    h_res = h_res.float().expand(*lead, n, n).reshape(-1, n, n)
+    h_post = h_post.float().expand(*lead, n).reshape(-1, n)
+    x = x.expand(*lead, n, width).reshape(-1, n, width)
+    f = f.expand(*lead, width).reshape(-1, width)
+    return HCResPostMixFunction.apply(h_res, x, h_post, f).view(*lead, n, width)
+
+
+class HCResPostMixFunction(torch.autograd.Function):
+    """`hc_res_post_mix` on `[N, ...]` tensors: four batched matmuls in backward, no `[N, n, C]` temporaries besides
+    the input gradient; saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, h_res, x, h_post, f):
+        ctx.save_for_backward(h_res, x, h_post, f)
+        mixed = torch.bmm(h_res, x.float())
+        return mixed.addcmul_(h_post.unsqueeze(-1), f.float().unsqueeze(-2)).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h_res, x, h_post, f = ctx.saved_tensors
+        # Contiguous: e.g. the mean readout's gradient is a stride-0 broadcast, on which batched matmuls fall back to
+        # one small matmul (and copy) per token.
+        grad = grad.float().contiguous()
+        grad_res = grad_x = grad_post = grad_f = None
+        if ctx.needs_input_grad[0]:
+            grad_res = torch.bmm(grad, x.float().transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(h_res.transpose(1, 2), grad).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_post = torch.bmm(grad, f.float().unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[3]:
+            grad_f = torch.bmm(h_post.unsqueeze(1), grad).squeeze(1).to(f.dtype)
+        return grad_res, grad_x, grad_post, grad_f
+
+
+__all__ = [
+    "HCPreMixFunction",
+    "HCResPostMixFunction",
+    "MHCCoefficientsFunction",
+    "MultiplicativeSinkhornFunction",
+    "hc_pre_mix_fused",
+    "MHCReadFunction",
+    "hc_res_post_mix_fused",
+    "mhc_coefficients_fused",
+    "mhc_read_fused",
+    "sinkhorn_knopp_fused",
+]
