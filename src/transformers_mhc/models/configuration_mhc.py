@@ -302,8 +302,9 @@ hc_symmetry_breaking (`float`, *optional*, defaults to 0.0):
 hc_eps (`float`, *optional*, defaults to 1e-6):
     The `eps` of the `"deepseek_v4"` convention (added to the softmax, the Sinkhorn denominators and `h_pre`).
 hc_recompute (`bool`, *optional*, defaults to `False`):
-    Selective recomputation during training: keep only the stream input of every `hc_recompute_interval`-th
-    layer and each sub-layer's output, and recompute the hyper-connection arithmetic in backward.
+    Selective recomputation during training (torch's selective activation checkpointing): keep only the stream
+    input of every `hc_recompute_interval`-th layer and the outputs of the matrix products and attention, and
+    recompute everything between them (the hyper-connection arithmetic, norms, activations) in backward.
 hc_recompute_interval (`int`, *optional*):
     Layers per recomputation segment `L_r`; defaults to `round(sqrt(n * L / (n + 2)))`.
 """

@@ -264,7 +264,9 @@ class HyperConnection(nn.Module):
 
     def ops(self, streams: torch.Tensor) -> HCOps:
         """The implementation of the ops for these streams (`config.kernel_backend` is read at call time)."""
-        return mhc_implementation(self.config.kernel_backend, streams, *self.parameters())
+        return mhc_implementation(
+            self.config.kernel_backend, streams, self.static_bias
+        )  # its parameters' device
 
     def coefficients(
         self, streams: torch.Tensor, ops: HCOps | None = None

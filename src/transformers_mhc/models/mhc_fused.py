@@ -161,10 +161,11 @@ def mhc_read_fused(
     """
     lead, (n, width) = x.shape[:-2], x.shape[-2:]
     flat = x.reshape(-1, n, width)
-    norm_params = (
-        tuple(p for p in norm.parameters() if p.requires_grad) if isinstance(norm, nn.Module) else ()
-    )
-    if _needs_grad(flat, phi, alpha, static_bias, *norm_params) and not torch.compiler.is_compiling():
+    use_function = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if use_function:  # (the parameters are looked up only when training: decoding runs this per token)
+        norm_params = [p for p in norm.parameters() if p.requires_grad] if isinstance(norm, nn.Module) else []
+        use_function = _needs_grad(flat, phi, alpha, static_bias, *norm_params)
+    if use_function:
         outputs = MHCReadFunction.apply(norm, flat, phi, alpha, static_bias, eps, *norm_params)
     else:
         h_pre, h_post, res = _coefficients(flat.reshape(-1, n * width), phi, alpha, static_bias, eps)[:3]
@@ -258,11 +259,15 @@ def _batch_last(matrices: torch.Tensor) -> torch.Tensor:
     """`[..., n, n]` -> `[n, n, N]`: the batch contiguous and innermost, so that on CPU every reduction and every
     broadcasting division runs over contiguous length-`N` vectors instead of strided size-`n` dimensions."""
     n = matrices.shape[-1]
+    if matrices.numel() == n * n:  # one matrix (decoding): a view, no copy
+        return matrices.reshape(n, n, 1)
     return matrices.reshape(-1, n, n).permute(1, 2, 0).contiguous()
 
 
 def _from_batch_last(matrices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # Contiguous again: batched matmuls over batch-strided matrices fall back to one small matmul per token.
+    if matrices.shape[-1] == 1:
+        return matrices.view(shape)
     return matrices.permute(2, 0, 1).contiguous().view(shape)
 
 
@@ -301,7 +306,7 @@ class MultiplicativeSinkhornFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (z,) = ctx.saved_tensors
         _, first, steps = _multiplicative_iterates(z, ctx.num_iterations, keep=True)
-        grad = grad.float()
+        grad = grad.float().contiguous()  # it arrives permuted (the batch-last layout is undone outside)
         for step in range(len(steps) - 1, -1, -1):
             y, sums = steps[step]
             grad = (grad - (grad * y).sum(dim=step % 2, keepdim=True)).div_(sums)
