@@ -126,3 +126,25 @@ def test_every_documented_decay_type_builds_in_each_valid_combination():
                     continue
     # 8 input-dependent types x (scalar, vector, vector+shared) + tnl, tnl_learnable, none (scalar only)
     assert built == 8 * 3 + 3
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "expected"),
+    [(2, [1]), (3, [1, 2]), (4, [1, 3]), (12, [1, 7]), (24, [1, 13])],
+)
+def test_attention_layers_h3_places_softmax_attention_as_h3(num_layers, expected, tmp_path):
+    """H3 §3: softmax attention in the 2nd layer and in layer 2 + N/2 (1-based); stored resolved, so it reloads."""
+    config = DecayLinearAttnConfig(
+        num_hidden_layers=num_layers, attention_layers="h3", hidden_size=32, num_attention_heads=2
+    )
+    assert config.attention_layers == expected
+    assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == expected
+    config.save_pretrained(tmp_path)
+    assert DecayLinearAttnConfig.from_pretrained(tmp_path).attention_layers == expected
+
+
+def test_attention_layers_rejects_other_names_and_too_few_layers():
+    with pytest.raises(ValueError, match="'h3'"):
+        DecayLinearAttnConfig(attention_layers="h4")
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        DecayLinearAttnConfig(num_hidden_layers=1, attention_layers="h3")

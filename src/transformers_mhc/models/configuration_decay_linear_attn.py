@@ -67,6 +67,17 @@ MAX_CHUNK_SIZE = 2048
 MAX_MAMBA2_VALUE = 1000.0
 
 
+def h3_attention_layers(num_hidden_layers: int) -> list[int]:
+    """H3's hybrid placement (§3 of the paper: softmax attention in the 2nd layer and in layer 2 + N/2, 1-based) as
+    0-based indices for `num_hidden_layers` = N; with N = 2 only the 2nd layer (the other would not exist)."""
+    if num_hidden_layers < 2:
+        raise ValueError(
+            f"`attention_layers='h3'` puts softmax attention in the 2nd layer and keeps the 1st linear: it needs "
+            f"`num_hidden_layers` >= 2, got {num_hidden_layers}."
+        )
+    return sorted({1, 1 + num_hidden_layers // 2} & set(range(num_hidden_layers)))
+
+
 @strict_config
 @document_hyper_connection_fields
 class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
@@ -124,10 +135,13 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
             over the embeddings before the first layer.
         short_conv_size (`int`, *optional*, defaults to 0):
             Kernel size of H3's shift SSM, implemented as a causal depthwise convolution on q, k and v (followed by the
-            usual activations, and SiLU on v); 0 disables it. 4 is the usual choice.
-        attention_layers (`list[int]`, *optional*):
-            Indices of layers that use softmax attention (`LlamaAttention`) instead of linear attention, for an
-            H3-style hybrid (H3 used layers 2 and 2 + N/2). At least one layer must stay linear.
+            usual activations, and SiLU on v); 0 disables it. 4 is the usual choice. (H3's shift SSM is exactly this
+            operator: its state is a shift register of the last `short_conv_size - 1` inputs, its output a learned
+            combination of them, i.e. a causal convolution; H3 applies it to k only.)
+        attention_layers (`list[int]` or `"h3"`, *optional*):
+            Indices (0-based) of layers that use softmax attention (`LlamaAttention`) instead of linear attention, for
+            a hybrid. `"h3"` places them as H3 does: the 2nd layer and the one at 2 + N/2 (1-based, N layers), i.e.
+            `[1, 1 + N // 2]`; the config stores the resolved list. At least one layer must stay linear.
         use_delta_rule (`bool`, *optional*, defaults to `False`):
             The DPLR extension `S_t = (I - beta_t k_t k_t^T) diag(lambda_t) S_{t-1} + k_t v_t^T` with L2-normalised k and
             `beta = 2 sigmoid(beta_proj(x))` in (0, 2).
@@ -152,7 +166,7 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
 
     >>> config = DecayLinearAttnConfig(
     ...     hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-    ...     decay_type="simple", decay_granularity="vector", short_conv_size=4, attention_layers=[1],
+    ...     decay_type="simple", decay_granularity="vector", short_conv_size=4, attention_layers="h3",
     ... )
     >>> model = DecayLinearAttnForCausalLM(config)
     ```"""
@@ -212,7 +226,7 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
     )
     positional_encoding: str = validated_field(one_of(POSITIONAL_ENCODINGS), default="none")
     short_conv_size: int = validated_field(integer_in(0, MAX_SHORT_CONV_SIZE), default=0)
-    attention_layers: list[int] | None = None
+    attention_layers: list[int] | str | None = None
     use_delta_rule: bool = False
     use_output_gate: bool = True
     output_gate_low_rank_dim: int | None = validated_field(integer_in(1, MAX_HIDDEN_SIZE), default=None)
@@ -238,6 +252,13 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
             self.decay_low_rank_dim = self.head_dim
         if self.output_gate_low_rank_dim is None:
             self.output_gate_low_rank_dim = self.head_dim
+        if self.attention_layers == "h3":
+            self.attention_layers = h3_attention_layers(self.num_hidden_layers)
+        elif isinstance(self.attention_layers, str):
+            raise ValueError(
+                f"`attention_layers` must be a list of layer indices or 'h3' (H3's placement), "
+                f"got {self.attention_layers!r}."
+            )
         self.attention_layers = sorted(set(self.attention_layers or []))
         self._validate_decay_fields()
         derived = [
