@@ -40,6 +40,11 @@ CONFIGS = {
         DecayLinearAttnConfig,
         dict(decay_type="gla", short_conv_size=4, attention_layers=[1]),
     ),
+    "decay-h3": (
+        DecayLinearAttnForCausalLM,
+        DecayLinearAttnConfig,
+        dict(token_mixer="h3", short_conv_size=3, h3_state_size=8),
+    ),
 }
 MHC_CONFIGS = [name for name in CONFIGS if name.startswith("mhc")]
 DECAY_CONFIGS = [name for name in CONFIGS if name.startswith("decay")]

@@ -387,16 +387,22 @@ REMOTE_LOAD_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
 )
 
 
-def test_save_with_remote_code_and_load_where_package_is_absent(tmp_path):
+REMOTE_VARIANTS = {
+    "decay": dict(
+        attention_layers=[1], positional_encoding="rope", decay_type="mamba2", decay_granularity="vector"
+    ),
+    "h3": dict(attention_layers="h3", token_mixer="h3", h3_state_size=8),  # layers [1, 2]: softmax attention
+}
+
+
+@pytest.mark.parametrize("variant", REMOTE_VARIANTS)
+def test_save_with_remote_code_and_load_where_package_is_absent(tmp_path, variant):
     model = make_model(
         num_hidden_layers=3,
-        attention_layers=[1],
         short_conv_size=4,
-        positional_encoding="rope",
-        decay_type="mamba2",
-        decay_granularity="vector",
         hyper_connection="mhc",
         num_streams=2,
+        **REMOTE_VARIANTS[variant],
     )
     ids = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
@@ -407,7 +413,12 @@ def test_save_with_remote_code_and_load_where_package_is_absent(tmp_path):
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("DecayLinearAttnForCausalLM")
-    for name in ("modeling_decay_linear_attn.py", "configuration_decay_linear_attn.py", "decay_ops.py"):
+    for name in (
+        "modeling_decay_linear_attn.py",
+        "configuration_decay_linear_attn.py",
+        "decay_ops.py",
+        "h3.py",
+    ):
         assert (tmp_path / name).is_file(), name
 
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}

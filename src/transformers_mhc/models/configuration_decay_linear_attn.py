@@ -59,6 +59,8 @@ DECAY_TYPES = (
 SCALAR_ONLY_DECAY_TYPES = ("tnl", "tnl_learnable", "none")
 DECAY_GRANULARITIES = ("scalar", "vector")
 POSITIONAL_ENCODINGS = ("none", "rope", "tpe")
+TOKEN_MIXERS = ("decay", "h3")
+MAX_H3_STATE_SIZE = 1024
 # H3 uses 4 taps; a kernel this long is already far beyond any shift SSM and costs O(size) per token.
 MAX_SHORT_CONV_SIZE = 64
 # The chunked form materialises chunk x chunk scores per head.
@@ -138,6 +140,14 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
             usual activations, and SiLU on v); 0 disables it. 4 is the usual choice. (H3's shift SSM is exactly this
             operator: its state is a shift register of the last `short_conv_size - 1` inputs, its output a learned
             combination of them, i.e. a causal convolution; H3 applies it to k only.)
+        token_mixer (`str`, *optional*, defaults to `"decay"`):
+            The mixer of the layers that are not softmax attention: `"decay"` (linear attention with the decay above)
+            or `"h3"` (H3: `Q ⊙ SSM_diag(SSM_shift(K) ⊙ V)`, with `short_conv_size` as the shift SSM — 0 drops it — and
+            an S4D diagonal SSM; the decay fields do not apply to it).
+        h3_state_size (`int`, *optional*, defaults to 64):
+            `N` of H3's diagonal SSM: `N/2` complex modes per key channel.
+        h3_dt_min (`float`, *optional*, defaults to 0.001), h3_dt_max (`float`, *optional*, defaults to 0.1):
+            Range of the initial discretisation steps `Δ` of H3's diagonal SSM (log-uniform, one per key channel).
         attention_layers (`list[int]` or `"h3"`, *optional*):
             Indices (0-based) of layers that use softmax attention (`LlamaAttention`) instead of linear attention, for
             a hybrid. `"h3"` places them as H3 does: the 2nd layer and the one at 2 + N/2 (1-based, N layers), i.e.
@@ -226,6 +236,10 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
     )
     positional_encoding: str = validated_field(one_of(POSITIONAL_ENCODINGS), default="none")
     short_conv_size: int = validated_field(integer_in(0, MAX_SHORT_CONV_SIZE), default=0)
+    token_mixer: str = validated_field(one_of(TOKEN_MIXERS), default="decay")
+    h3_state_size: int = validated_field(integer_in(2, MAX_H3_STATE_SIZE), default=64)
+    h3_dt_min: float = validated_field(number_in(0.0, 1.0, exclude_minimum=True), default=1e-3)
+    h3_dt_max: float = validated_field(number_in(0.0, 1.0, exclude_minimum=True), default=1e-1)
     attention_layers: list[int] | str | None = None
     use_delta_rule: bool = False
     use_output_gate: bool = True
@@ -315,6 +329,27 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
         choice("decay_type", DECAY_TYPES)
         choice("decay_granularity", DECAY_GRANULARITIES)
         choice("positional_encoding", POSITIONAL_ENCODINGS)
+        choice("token_mixer", TOKEN_MIXERS)
+        if self.token_mixer == "h3":
+            unsupported = {
+                "positional_encoding": (self.positional_encoding, "none"),
+                "use_delta_rule": (self.use_delta_rule, False),
+            }
+            for field, (value, needed) in unsupported.items():
+                if value != needed:
+                    raise ValueError(
+                        f"`token_mixer='h3'` has no {field.replace('_', ' ')}: `{field}` must be {needed!r}, "
+                        f"got {value!r}."
+                    )
+            if self.h3_state_size % 2:
+                raise ValueError(
+                    f"`h3_state_size` counts the real and imaginary parts of H3's complex modes and must be even, "
+                    f"got {self.h3_state_size}."
+                )
+            if not self.h3_dt_min <= self.h3_dt_max:
+                raise ValueError(
+                    f"`h3_dt_min` / `h3_dt_max` must satisfy min <= max, got {self.h3_dt_min!r} / {self.h3_dt_max!r}."
+                )
         if self.short_conv_size == 1:
             raise ValueError(
                 "`short_conv_size=1` is a per-channel scale, not a shift over previous tokens: use 0 (off) or >= 2."
@@ -403,4 +438,6 @@ __all__ = [
     "DECAY_TYPES",
     "DECAY_GRANULARITIES",
     "POSITIONAL_ENCODINGS",
+    "TOKEN_MIXERS",
+    "h3_attention_layers",
 ]

@@ -75,6 +75,20 @@ def read_state(cache: Cache | None, layer_idx: int, state_idx: int) -> torch.Ten
     return layer.recurrent_states[state_idx] if layer.is_recurrent_states_initialized[state_idx] else None
 
 
+def causal_depthwise_conv(
+    inputs: torch.Tensor, weight: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
+) -> torch.Tensor:
+    """Causal depthwise convolution over `[B, T, C]` (H3's shift SSM, the short conv), continuing from the last inputs
+    kept in the cache (conv state `state_idx` of layer `layer_idx`) when there is one."""
+    length, kernel_size = inputs.shape[1], weight.shape[-1]
+    inputs = inputs.transpose(1, 2)
+    if cache is not None:
+        # Returns the cached inputs followed by the new ones (or the new ones alone on prefill).
+        inputs = cache.update_conv_state(inputs, layer_idx, state_idx=state_idx, conv_kernel_size=kernel_size)
+    out = F.conv1d(inputs.to(weight.dtype), weight, padding=kernel_size - 1, groups=weight.shape[0])
+    return out[..., : inputs.shape[-1]][..., -length:].transpose(1, 2)
+
+
 def _on_meta_device(module: nn.Module) -> bool:
     return any(
         t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -399,22 +413,9 @@ class DecayLinearAttention(nn.Module):
             )
 
     def _short_conv(self, mixed: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """Causal depthwise conv over `[B, T, C]`, continuing from the cached last inputs when decoding."""
-        length = mixed.shape[1]
-        mixed = mixed.transpose(1, 2)
-        if cache is not None:
-            # Returns the cached inputs followed by the new ones (or the new ones alone on prefill).
-            mixed = cache.update_conv_state(
-                mixed,
-                self.layer_idx,
-                state_idx=self.states["recurrent"],
-                conv_kernel_size=self.short_conv_size,
-            )
-        weight = self.short_conv.weight
-        out = F.conv1d(
-            mixed.to(weight.dtype), weight, padding=self.short_conv_size - 1, groups=weight.shape[0]
+        return causal_depthwise_conv(
+            mixed, self.short_conv.weight, cache, self.layer_idx, self.states["recurrent"]
         )
-        return out[..., : mixed.shape[-1]][..., -length:].transpose(1, 2)
 
     def forward(
         self,
@@ -502,6 +503,7 @@ class DecayLinearAttention(nn.Module):
 
 
 __all__ = [
+    "causal_depthwise_conv",
     "DecayLinearAttention",
     "DecayLinearAttnCosineRope",
     "DecayLinearAttnDecay",

@@ -50,6 +50,7 @@ from .decay_linear_attention import (
     DecayLinearAttnTPE,
     read_state,
 )
+from .h3 import H3Attention
 from .hub_mixin import HubMixin
 from .hyper_connection import (
     HyperConnection,
@@ -88,7 +89,8 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         if self.layer_type == "linear_attention":
-            self.linear_attn = DecayLinearAttention(config, layer_idx)
+            mixer = H3Attention if config.token_mixer == "h3" else DecayLinearAttention
+            self.linear_attn = mixer(config, layer_idx)
         else:
             self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
@@ -181,7 +183,9 @@ class DecayLinearAttnPreTrainedModel(HubMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, (DecayLinearAttnDecay, DecayLinearAttnTPE, HyperConnection, StreamReadout)):
+        if isinstance(
+            module, (DecayLinearAttnDecay, DecayLinearAttnTPE, H3Attention, HyperConnection, StreamReadout)
+        ):
             module.reset_parameters()
         elif isinstance(module, DecayLinearAttention) and module.short_conv_size:
             # PyTorch's default conv init: the std-0.02 normal of `_init_weights` would start a K-tap filter at ~0.

@@ -1,0 +1,224 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""H3's token mixer ("Hungry Hungry Hippos", Fu, Dao et al., arXiv 2212.14052), per head:
+
+    y = Q ⊙ SSM_diag( SSM_shift(K) ⊙ V )
+
+- `SSM_shift` is a learned causal filter over the last few inputs: a causal depthwise convolution on k (the same
+  operator as the decay model's `short_conv_size`; its state is the last `short_conv_size - 1` inputs).
+- `SSM_diag` is S4D: for every key channel `i` (shared by all heads, as in the paper's code) `N/2` complex modes
+  `a_n = -exp(a_real_log) + i·a_imag` (S4D-Lin initialisation: `-1/2 + iπn`), discretised with a learned step `Δ_i`
+  (zero-order hold: `ā = exp(Δa)`, `b̄ = (ā - 1)/a`), read out by `C` and a skip `D`:
+
+      S_t[i, j, n] = ā[i, n] S_{t-1}[i, j, n] + k_t[i] v_t[j]         (one state per key channel, value channel, mode)
+      y_t[j] = Σ_i q_t[i] (2 Re Σ_n C[i, n] b̄[i, n] S_t[i, j, n] + D[i] k_t[i] v_t[j])
+
+  In the terms of the decay design space this is linear attention whose state `S` (key × value) decays per key
+  channel — a vector decay — but as a sum of `N/2` damped oscillations instead of one exponential `λ^t`, and
+  independent of the input. `decay_statistics` reports `|ā|`.
+
+Training and prefill compute the same thing as a long convolution through the FFT (FlashConv's algorithm, O(T log T)
+per channel): `y = q · (K * (k v)) + ...` with the kernel `K[i, τ] = 2 Re Σ_n C b̄ ā^τ`; decoding runs the
+recurrence with the state in the `DynamicCache` slot of the layer (O(1) per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+
+from .configuration_decay_linear_attn import DecayLinearAttnConfig, cache_state_indices
+from .decay_linear_attention import causal_depthwise_conv, read_state
+
+
+# --------------------------------------------------------------------------------------------------
+# The diagonal SSM in its three forms (naive recurrence for tests: `tests/test_h3.py`)
+# --------------------------------------------------------------------------------------------------
+def s4d_modes(
+    log_dt: torch.Tensor, a_real_log: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The discretised modes: `ā` (`[D, N/2]` complex) and the read-out `C b̄` (same shape), in complex64."""
+    a = torch.complex(-torch.exp(a_real_log.float()), a_imag.float())
+    dt_a = torch.exp(log_dt.float())[:, None] * a
+    a_bar = torch.exp(dt_a)
+    b_bar = (a_bar - 1) / a  # zero-order hold with B = 1
+    return a_bar, torch.view_as_complex(c.float().contiguous()) * b_bar
+
+
+def s4d_kernel(a_bar: torch.Tensor, c_b: torch.Tensor, length: int) -> torch.Tensor:
+    """`K[i, τ] = 2 Re Σ_n (C b̄)[i, n] ā[i, n]^τ` for `τ < length`: `[D, length]` fp32 (a Vandermonde product)."""
+    powers = torch.exp(torch.log(a_bar)[..., None] * torch.arange(length, device=a_bar.device))
+    return 2 * torch.einsum("dn,dnt->dt", c_b, powers).real
+
+
+def h3_fft_conv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a_bar: torch.Tensor,
+    c_b: torch.Tensor,
+    skip: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`y_t[j] = Σ_i q_t[i] (Σ_{s≤t} K[i, t-s] k_s[i] v_s[j] + D[i] k_t[i] v_t[j])` (plus the decayed initial state)
+    by FFT over time, in fp32.
+
+    `q`, `k`, `v`: `[B, H, T, D]`; `a_bar`, `c_b`: `[D, N/2]` complex; `skip`: `[D]`; `initial_state`: `[B, H, D, D,
+    N/2]` complex. Returns `y` (`[B, H, T, D]`, fp32) and, if asked, the state after the last token.
+    """
+    length = q.shape[2]
+    kv = k.float()[..., :, None] * v.float()[..., None, :]  # [B, H, T, Dk, Dv]
+    kernel = s4d_kernel(a_bar, c_b, length)  # [Dk, T]
+    n_fft = 2 * length  # zero-padded: a linear (causal), not circular, convolution
+    kv_f = torch.fft.rfft(kv, n=n_fft, dim=2)
+    kernel_f = torch.fft.rfft(kernel, n=n_fft, dim=-1).transpose(0, 1)[:, :, None]  # [F, Dk, 1]
+    mixed = torch.fft.irfft(kv_f * kernel_f, n=n_fft, dim=2)[:, :, :length]
+    mixed = mixed + skip.float()[:, None] * kv
+    if initial_state is not None:
+        # The initial state decays into every position: 2 Re Σ_n C b̄ ā^(t+1) S0.
+        steps = torch.arange(1, length + 1, device=q.device)
+        powers = torch.exp(torch.log(a_bar)[..., None] * steps)  # [Dk, N/2, T]
+        mixed = mixed + 2 * torch.einsum("dn,dnt,bhden->bhtde", c_b, powers, initial_state).real
+    y = torch.einsum("bhti,bhtij->bhtj", q.float(), mixed)
+    final_state = None
+    if output_final_state:
+        # S_{T-1} = Σ_s ā^(T-1-s) k_s v_s + ā^T S0
+        steps = torch.arange(length - 1, -1, -1, device=q.device)
+        powers = torch.exp(torch.log(a_bar)[..., None] * steps)  # [Dk, N/2, T]
+        final_state = torch.einsum("dnt,bhtde->bhden", powers, kv.to(powers.dtype))
+        if initial_state is not None:
+            final_state = final_state + a_bar[:, None, :] ** length * initial_state
+    return y, final_state
+
+
+def h3_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a_bar: torch.Tensor,
+    c_b: torch.Tensor,
+    skip: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence, one token at a time (decoding; O(1) per token): the same `y` and final state as `h3_fft_conv`."""
+    batch, heads, length, dim = q.shape
+    state = initial_state
+    if state is None:
+        state = torch.zeros(batch, heads, dim, dim, a_bar.shape[-1], dtype=a_bar.dtype, device=q.device)
+    outputs = []
+    for t in range(length):
+        kv = k[:, :, t].float()[..., :, None] * v[:, :, t].float()[..., None, :]  # [B, H, Dk, Dv]
+        state = a_bar[:, None, :] * state + kv[..., None]
+        mixed = 2 * torch.einsum("dn,bhden->bhde", c_b, state).real + skip.float()[:, None] * kv
+        outputs.append(torch.einsum("bhi,bhij->bhj", q[:, :, t].float(), mixed))
+    return torch.stack(outputs, dim=2), state
+
+
+class H3Attention(nn.Module):
+    r"""
+    H3's token mixer (`token_mixer="h3"`): `o_proj(Q ⊙ SSM_diag(SSM_shift(K) ⊙ V))` per head, see the module
+    docstring. `short_conv_size` is the shift SSM's length (0: H3 without it); `h3_state_size` is `N` (`N/2`
+    complex modes per key channel). The state (`[B, H, D, D, N/2]` complex, kept as real pairs) and the shift
+    SSM's last inputs live in the layer's `DynamicCache` slot.
+    """
+
+    def __init__(self, config: DecayLinearAttnConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.states = cache_state_indices(config)
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.short_conv_size = config.short_conv_size
+        if self.short_conv_size:
+            self.shift_conv = nn.Conv1d(
+                inner, inner, kernel_size=self.short_conv_size, groups=inner, bias=False
+            )
+        modes = config.h3_state_size // 2
+        self.log_dt = nn.Parameter(torch.empty(self.head_dim))
+        self.a_real_log = nn.Parameter(torch.empty(self.head_dim, modes))
+        self.a_imag = nn.Parameter(torch.empty(self.head_dim, modes))
+        self.c = nn.Parameter(torch.empty(self.head_dim, modes, 2))  # complex, as (real, imaginary)
+        self.skip = nn.Parameter(torch.empty(self.head_dim))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """S4D-Lin: `a_n = -1/2 + iπn`, `Δ` log-uniform in `[h3_dt_min, h3_dt_max]`, `C ~ N(0, 1/2)` per part."""
+        config, modes = self.config, self.a_imag.shape[-1]
+        log_dt = torch.rand(self.head_dim) * (math.log(config.h3_dt_max) - math.log(config.h3_dt_min))
+        init.copy_(self.log_dt, log_dt + math.log(config.h3_dt_min))
+        init.constant_(self.a_real_log, math.log(0.5))
+        init.copy_(self.a_imag, math.pi * torch.arange(modes).float().expand(self.head_dim, modes))
+        init.normal_(self.c, mean=0.0, std=0.5**0.5)
+        init.ones_(self.skip)
+
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(ā, C b̄)`, each `[head_dim, N/2]` complex."""
+        return s4d_modes(self.log_dt, self.a_real_log, self.a_imag, self.c)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        if padding_mask is not None:
+            # Padded inputs become zeros: k v = 0 there, so the state and the shift SSM of later tokens see nothing.
+            hidden_states = hidden_states * padding_mask.bool()[..., None].to(hidden_states.dtype)
+        state = read_state(cache, self.layer_idx, self.states["recurrent"])
+        state = torch.view_as_complex(state) if state is not None else None
+
+        # 1. Projections and the shift SSM on K
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        if self.short_conv_size:
+            key_states = causal_depthwise_conv(
+                key_states, self.shift_conv.weight, cache, self.layer_idx, self.states["recurrent"]
+            )
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        # 2. The diagonal SSM over the key-value products, read out by Q: FFT for training and prefill, recurrence
+        # for single-token decoding.
+        a_bar, c_b = self.modes()
+        args = (heads(query_states), heads(key_states), heads(value_states), a_bar, c_b, self.skip, state)
+        if length == 1:
+            attn_output, state = h3_recurrent(*args)
+        else:
+            attn_output, state = h3_fft_conv(*args, output_final_state=cache is not None)
+        if cache is not None:
+            cache.update_recurrent_state(
+                torch.view_as_real(state.contiguous()), self.layer_idx, state_idx=self.states["recurrent"]
+            )
+
+        # 3. Output projection
+        attn_output = attn_output.transpose(1, 2).reshape(batch, length, -1).to(hidden_states.dtype)
+        return self.o_proj(attn_output)
+
+
+__all__ = ["H3Attention", "h3_fft_conv", "h3_recurrent", "s4d_kernel", "s4d_modes"]

@@ -1,0 +1,148 @@
+# Copyright 2026 The transformers-mhc contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""H3's token mixer (`token_mixer="h3"`): the FFT long convolution == the recurrence == the definition written out,
+gradients included, on awkward lengths; the model around it (the generation contract, left padding, remote code and
+PEFT are covered by `test_model_contract.py` and `test_modeling_decay_linear_attn.py`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM, decay_statistics
+from transformers_mhc.models.h3 import H3Attention, h3_fft_conv, h3_recurrent, s4d_modes
+
+
+def _inputs(batch=2, heads=3, length=13, dim=4, modes=3, seed=0, state=False):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    q, k, v = randn(3, batch, heads, length, dim).unbind(0)
+    params = dict(
+        log_dt=torch.log(torch.rand(dim, generator=generator) * 0.2 + 0.01),
+        a_real_log=randn(dim, modes) * 0.3 - 0.7,
+        a_imag=randn(dim, modes) * 3,
+        c=randn(dim, modes, 2),
+    )
+    skip = randn(dim)
+    initial = torch.complex(*randn(2, batch, heads, dim, dim, modes).unbind(0)) if state else None
+    return q, k, v, params, skip, initial
+
+
+def _definition(q, k, v, a_bar, c_b, skip, initial=None):
+    """The layer as the paper writes it, term by term: y_t[j] = Σ_i q_t[i] (Σ_{s≤t} K[i, t-s] k_s[i] v_s[j]
+    + D[i] k_t[i] v_t[j] + 2 Re Σ_n C b̄ ā^(t+1) S0[i, j, n]), with K[i, τ] = 2 Re Σ_n (C b̄)[i, n] ā[i, n]^τ."""
+    a_bar, c_b = a_bar.to(torch.complex128), c_b.to(torch.complex128)
+    q, k, v = q.double(), k.double(), v.double()
+    length = q.shape[2]
+    y = torch.zeros_like(v)
+    for t in range(length):
+        mixed = skip.double()[:, None] * (k[:, :, t, :, None] * v[:, :, t, None, :])
+        for s in range(t + 1):
+            kernel = 2 * (c_b * a_bar ** (t - s)).sum(-1).real  # [Dk]
+            mixed = mixed + kernel[:, None] * (k[:, :, s, :, None] * v[:, :, s, None, :])
+        if initial is not None:
+            mixed = (
+                mixed + 2 * torch.einsum("dn,bhden->bhde", c_b * a_bar ** (t + 1), initial.to(c_b.dtype)).real
+            )
+        y[:, :, t] = torch.einsum("bhi,bhij->bhj", q[:, :, t], mixed)
+    return y
+
+
+@pytest.mark.parametrize("length", [1, 2, 13, 65])
+@pytest.mark.parametrize("with_state", [False, True], ids=["from-zero", "from-a-state"])
+def test_fft_conv_equals_recurrence_equals_definition(length, with_state):
+    q, k, v, params, skip, initial = _inputs(length=length, state=with_state)
+    a_bar, c_b = s4d_modes(**params)
+    expected = _definition(q, k, v, a_bar, c_b, skip, initial)
+    y_fft, state_fft = h3_fft_conv(q, k, v, a_bar, c_b, skip, initial, output_final_state=True)
+    y_rec, state_rec = h3_recurrent(q, k, v, a_bar, c_b, skip, initial)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y_fft.double(), expected, atol=2e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(y_rec.double(), expected, atol=2e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(state_fft, state_rec, atol=2e-5 * state_rec.abs().max().item(), rtol=1e-4)
+
+
+def test_fft_conv_and_recurrence_have_the_same_gradients():
+    q, k, v, params, skip, _ = _inputs(length=9)
+    leaves = [t.requires_grad_() for t in (q, k, v, skip, *params.values())]
+    grads = []
+    for op in (h3_fft_conv, h3_recurrent):
+        y, _ = op(q, k, v, *s4d_modes(**params), skip)
+        grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    for name, a, b in zip(["q", "k", "v", "skip", *params], *grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_long_sequence_fft_matches_the_recurrence():
+    """FFT numerics at T = 1024 (zero-padded to 2T, fp32): the same as stepping through every token."""
+    q, k, v, params, skip, _ = _inputs(batch=1, heads=1, length=1024, dim=2, modes=4)
+    a_bar, c_b = s4d_modes(**params)
+    y_fft, _ = h3_fft_conv(q, k, v, a_bar, c_b, skip)
+    y_rec, _ = h3_recurrent(q, k, v, a_bar, c_b, skip)
+    torch.testing.assert_close(y_fft, y_rec, atol=1e-4 * y_rec.abs().max().item(), rtol=1e-4)
+
+
+def _tiny(**overrides) -> DecayLinearAttnForCausalLM:
+    torch.manual_seed(0)
+    settings = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        token_mixer="h3",
+        short_conv_size=4,
+        h3_state_size=16,
+    )
+    return DecayLinearAttnForCausalLM(DecayLinearAttnConfig(**{**settings, **overrides})).eval()
+
+
+def test_s4d_lin_initialisation_and_decay_statistics():
+    model = _tiny()
+    mixer = model.model.layers[0].linear_attn
+    assert isinstance(mixer, H3Attention)
+    a = torch.complex(-torch.exp(mixer.a_real_log), mixer.a_imag)
+    torch.testing.assert_close(a[0], torch.complex(torch.full((8,), -0.5), torch.pi * torch.arange(8.0)))
+    assert 1e-3 <= mixer.log_dt.exp().min() and mixer.log_dt.exp().max() <= 0.1
+    stats = decay_statistics(model, torch.randint(3, 40, (1, 8)))
+    # |ā| = exp(-Δ/2) with Δ in [1e-3, 0.1]: slow decays, as S4D starts.
+    assert set(stats["per_layer"]) == {0, 1}
+    assert torch.exp(torch.tensor(-0.05)) <= stats["overall"]["min"] <= stats["overall"]["max"] < 1
+
+
+def test_without_the_shift_ssm_and_in_bf16():
+    """`short_conv_size=0` is H3 without its shift SSM; bf16 weights run (the SSM itself computes in fp32)."""
+    model = _tiny(short_conv_size=0)
+    assert not hasattr(model.model.layers[0].linear_attn, "shift_conv")
+    ids = torch.randint(3, 40, (2, 10))
+    logits = model.to(torch.bfloat16)(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(positional_encoding="rope"), "positional_encoding"),
+        (dict(use_delta_rule=True), "use_delta_rule"),
+        (dict(h3_state_size=7), "even"),
+        (dict(h3_dt_min=0.2, h3_dt_max=0.1), "h3_dt_min"),
+        (dict(token_mixer="s5"), "token_mixer"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        DecayLinearAttnConfig(**{"token_mixer": "h3", **overrides})
