@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM, decay_statistics
-from transformers_mhc.models.h3 import H3Attention, h3_fft_conv, h3_recurrent, s4d_modes
+from transformers_mhc.models.h3 import H3Attention, S4DMixer, h3_fft_conv, h3_recurrent, s4d_conv, s4d_modes
 
 
 def _inputs(batch=2, heads=3, length=13, dim=4, modes=3, seed=0, state=False):
@@ -115,9 +115,10 @@ def test_s4d_lin_initialisation_and_decay_statistics():
     model = _tiny()
     mixer = model.model.layers[0].linear_attn
     assert isinstance(mixer, H3Attention)
-    a = torch.complex(-torch.exp(mixer.a_real_log), mixer.a_imag)
+    ssm = mixer.ssm
+    a = torch.complex(-torch.exp(ssm.a_real_log), ssm.a_imag)
     torch.testing.assert_close(a[0], torch.complex(torch.full((8,), -0.5), torch.pi * torch.arange(8.0)))
-    assert 1e-3 <= mixer.log_dt.exp().min() and mixer.log_dt.exp().max() <= 0.1
+    assert 1e-3 <= ssm.log_dt.exp().min() and ssm.log_dt.exp().max() <= 0.1
     stats = decay_statistics(model, torch.randint(3, 40, (1, 8)))
     # |ā| = exp(-Δ/2) with Δ in [1e-3, 0.1]: slow decays, as S4D starts.
     assert set(stats["per_layer"]) == {0, 1}
@@ -141,8 +142,42 @@ def test_without_the_shift_ssm_and_in_bf16():
         (dict(h3_state_size=7), "even"),
         (dict(h3_dt_min=0.2, h3_dt_max=0.1), "h3_dt_min"),
         (dict(token_mixer="s5"), "token_mixer"),
+        (dict(token_mixer="s4d", short_conv_size=4), "short_conv_size"),
     ],
 )
 def test_config_errors_name_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         DecayLinearAttnConfig(**{"token_mixer": "h3", **overrides})
+
+
+@pytest.mark.parametrize("length", [2, 13, 65])
+def test_s4d_alone_fft_equals_stepping_token_by_token(length):
+    """`token_mixer="s4d"` (the diagonal SSM alone): the FFT form equals the one-token recurrence, from a state too."""
+    generator = torch.Generator().manual_seed(length)
+    channels = 5
+    a_bar, c_b = s4d_modes(
+        torch.log(torch.rand(channels, generator=generator) * 0.2 + 0.01),
+        torch.randn(channels, 3, generator=generator) * 0.3 - 0.7,
+        torch.randn(channels, 3, generator=generator) * 3,
+        torch.randn(channels, 3, 2, generator=generator),
+    )
+    skip, u = (
+        torch.randn(channels, generator=generator),
+        torch.randn(2, length, channels, generator=generator),
+    )
+    initial = torch.complex(*torch.randn(2, 2, channels, 3, generator=generator).unbind(0))
+    y_fft, state_fft = s4d_conv(u, a_bar, c_b, skip, initial, output_final_state=True)
+    state, steps = initial, []
+    for t in range(length):
+        y_t, state = s4d_conv(u[:, t : t + 1], a_bar, c_b, skip, state)
+        steps.append(y_t)
+    y_rec = torch.cat(steps, dim=1)
+    torch.testing.assert_close(y_fft, y_rec, atol=2e-5 * y_rec.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(state_fft, state, atol=2e-5 * state.abs().max().item(), rtol=1e-4)
+
+
+def test_s4d_alone_model():
+    model = _tiny(token_mixer="s4d", short_conv_size=0)
+    assert isinstance(model.model.layers[0].linear_attn, S4DMixer)
+    stats = decay_statistics(model, torch.randint(3, 40, (1, 8)))
+    assert 0 < stats["overall"]["min"] <= stats["overall"]["max"] < 1

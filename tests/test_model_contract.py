@@ -45,6 +45,11 @@ CONFIGS = {
         DecayLinearAttnConfig,
         dict(token_mixer="h3", short_conv_size=3, h3_state_size=8),
     ),
+    "decay-s4d": (
+        DecayLinearAttnForCausalLM,
+        DecayLinearAttnConfig,
+        dict(token_mixer="s4d", h3_state_size=8),
+    ),
 }
 MHC_CONFIGS = [name for name in CONFIGS if name.startswith("mhc")]
 DECAY_CONFIGS = [name for name in CONFIGS if name.startswith("decay")]

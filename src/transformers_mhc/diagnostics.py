@@ -78,23 +78,23 @@ def decay_statistics(
 
     Runs one forward pass with forward hooks on the decay modules (`DecayLinearAttnDecay`, matched by class name so
     checkpoints loaded with `trust_remote_code` work too) and collects `λ = exp(log λ)` over every unpadded token,
-    head and (for vector decay) key channel; for H3's diagonal SSM (`token_mixer="h3"`), `|ā|` of every mode and key
-    channel (it does not depend on the input). The decay paper finds that the median λ should sit around 0.8.
+    head and (for vector decay) key channel; for a diagonal SSM (`token_mixer="h3"` / `"s4d"`), `|ā|` of every mode
+    and channel (it does not depend on the input). The decay paper finds that the median λ should sit around 0.8.
 
     Returns:
         `{"per_layer": {layer_idx: stats}, "overall": stats}` where `stats` is
         `{"median", "q1", "q3", "mean", "min", "max"}` (q1 / q3: the 25% / 75% quantiles) as floats.
     """
     decay_modules = [m for m in model.modules() if type(m).__name__ == "DecayLinearAttnDecay"]
-    h3_modules = [m for m in model.modules() if type(m).__name__ == "H3Attention"]
-    if not decay_modules and not h3_modules:
+    ssm_modules = [m for m in model.modules() if type(m).__name__ == "DiagonalSSM"]
+    if not decay_modules and not ssm_modules:
         raise ValueError(
-            f"{type(model).__name__} has no `DecayLinearAttnDecay` or `H3Attention` module: not a decay "
+            f"{type(model).__name__} has no `DecayLinearAttnDecay` or `DiagonalSSM` module: not a decay "
             "linear-attention model."
         )
-    # H3's diagonal SSM decays by |ā| per mode and key channel, whatever the input.
+    # A diagonal SSM (H3, S4D) decays by |ā| per mode and channel, whatever the input.
     captured: dict[int, torch.Tensor] = {
-        m.layer_idx: m.modes()[0].abs().reshape(-1).cpu() for m in h3_modules
+        m.layer_idx: m.modes()[0].abs().reshape(-1).cpu() for m in ssm_modules
     }
 
     def hook(module, _inputs, outputs):

@@ -59,7 +59,7 @@ DECAY_TYPES = (
 SCALAR_ONLY_DECAY_TYPES = ("tnl", "tnl_learnable", "none")
 DECAY_GRANULARITIES = ("scalar", "vector")
 POSITIONAL_ENCODINGS = ("none", "rope", "tpe")
-TOKEN_MIXERS = ("decay", "h3")
+TOKEN_MIXERS = ("decay", "h3", "s4d")
 MAX_H3_STATE_SIZE = 1024
 # H3 uses 4 taps; a kernel this long is already far beyond any shift SSM and costs O(size) per token.
 MAX_SHORT_CONV_SIZE = 64
@@ -141,9 +141,10 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
             operator: its state is a shift register of the last `short_conv_size - 1` inputs, its output a learned
             combination of them, i.e. a causal convolution; H3 applies it to k only.)
         token_mixer (`str`, *optional*, defaults to `"decay"`):
-            The mixer of the layers that are not softmax attention: `"decay"` (linear attention with the decay above)
-            or `"h3"` (H3: `Q ⊙ SSM_diag(SSM_shift(K) ⊙ V)`, with `short_conv_size` as the shift SSM — 0 drops it — and
-            an S4D diagonal SSM; the decay fields do not apply to it).
+            The mixer of the layers that are not softmax attention: `"decay"` (linear attention with the decay above),
+            `"h3"` (H3: `Q ⊙ SSM_diag(SSM_shift(K) ⊙ V)`, with `short_conv_size` as the shift SSM — 0 drops it — and
+            an S4D diagonal SSM) or `"s4d"` (the diagonal SSM alone, per channel: `o_proj(gelu(SSM_diag(W x)))`). The
+            decay fields do not apply to `"h3"` and `"s4d"`.
         h3_state_size (`int`, *optional*, defaults to 64):
             `N` of H3's diagonal SSM: `N/2` complex modes per key channel.
         h3_dt_min (`float`, *optional*, defaults to 0.001), h3_dt_max (`float`, *optional*, defaults to 0.1):
@@ -330,15 +331,18 @@ class DecayLinearAttnConfig(HyperConnectionConfigMixin, PreTrainedConfig):
         choice("decay_granularity", DECAY_GRANULARITIES)
         choice("positional_encoding", POSITIONAL_ENCODINGS)
         choice("token_mixer", TOKEN_MIXERS)
-        if self.token_mixer == "h3":
+        if self.token_mixer in ("h3", "s4d"):
             unsupported = {
                 "positional_encoding": (self.positional_encoding, "none"),
                 "use_delta_rule": (self.use_delta_rule, False),
             }
+            if self.token_mixer == "s4d":  # the diagonal SSM alone: no shift SSM either
+                unsupported["short_conv_size"] = (self.short_conv_size, 0)
             for field, (value, needed) in unsupported.items():
                 if value != needed:
                     raise ValueError(
-                        f"`token_mixer='h3'` has no {field.replace('_', ' ')}: `{field}` must be {needed!r}, "
+                        f"`token_mixer={self.token_mixer!r}` has no {field.replace('_', ' ')}: `{field}` must be "
+                        f"{needed!r}, "
                         f"got {value!r}."
                     )
             if self.h3_state_size % 2:

@@ -28,6 +28,8 @@
   channel — a vector decay — but as a sum of `N/2` damped oscillations instead of one exponential `λ^t`, and
   independent of the input. `decay_statistics` reports `|ā|`.
 
+`S4DMixer` (`token_mixer="s4d"`) is the diagonal SSM alone, one per channel, for H3's ablation.
+
 Training and prefill compute the same thing as a long convolution through the FFT (FlashConv's algorithm, O(T log T)
 per channel): `y = q · (K * (k v)) + ...` with the kernel `K[i, τ] = 2 Re Σ_n C b̄ ā^τ`; decoding runs the
 recurrence with the state in the `DynamicCache` slot of the layer (O(1) per token).
@@ -38,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -130,11 +133,56 @@ def h3_recurrent(
     return torch.stack(outputs, dim=2), state
 
 
+class DiagonalSSM(nn.Module):
+    r"""
+    The parameters of an S4D diagonal SSM over `channels` channels with `N/2 = h3_state_size / 2` complex modes each:
+    `log_dt` (the step Δ per channel), `a_real_log` and `a_imag` (`a = -exp(a_real_log) + i a_imag`), `c` (the
+    complex read-out, as real pairs) and the skip `skip` (`D`). `modes()` discretises them (zero-order hold).
+    """
+
+    def __init__(self, config: DecayLinearAttnConfig, channels: int, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        modes = config.h3_state_size // 2
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.a_real_log = nn.Parameter(torch.empty(channels, modes))
+        self.a_imag = nn.Parameter(torch.empty(channels, modes))
+        self.c = nn.Parameter(torch.empty(channels, modes, 2))
+        self.skip = nn.Parameter(torch.empty(channels))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """S4D-Lin: `a_n = -1/2 + iπn`, `Δ` log-uniform in `[h3_dt_min, h3_dt_max]`, `C ~ N(0, 1/2)` per part."""
+        config, (channels, modes) = self.config, self.a_imag.shape
+        log_dt = torch.rand(channels) * (math.log(config.h3_dt_max) - math.log(config.h3_dt_min))
+        init.copy_(self.log_dt, log_dt + math.log(config.h3_dt_min))
+        init.constant_(self.a_real_log, math.log(0.5))
+        init.copy_(self.a_imag, math.pi * torch.arange(modes).float().expand(channels, modes))
+        init.normal_(self.c, mean=0.0, std=0.5**0.5)
+        init.ones_(self.skip)
+
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(ā, C b̄)`, each `[channels, N/2]` complex."""
+        return s4d_modes(self.log_dt, self.a_real_log, self.a_imag, self.c)
+
+    def read_state(self, cache: Cache | None) -> torch.Tensor | None:
+        """The complex state kept (as real pairs) in the layer's `DynamicCache` slot, or `None` before any token."""
+        state = read_state(cache, self.layer_idx, cache_state_indices(self.config)["recurrent"])
+        return torch.view_as_complex(state) if state is not None else None
+
+    def write_state(self, cache: Cache, state: torch.Tensor) -> None:
+        state_idx = cache_state_indices(self.config)["recurrent"]
+        cache.update_recurrent_state(
+            torch.view_as_real(state.contiguous()), self.layer_idx, state_idx=state_idx
+        )
+
+
 class H3Attention(nn.Module):
     r"""
     H3's token mixer (`token_mixer="h3"`): `o_proj(Q ⊙ SSM_diag(SSM_shift(K) ⊙ V))` per head, see the module
-    docstring. `short_conv_size` is the shift SSM's length (0: H3 without it); `h3_state_size` is `N` (`N/2`
-    complex modes per key channel). The state (`[B, H, D, D, N/2]` complex, kept as real pairs) and the shift
+    docstring. `short_conv_size` is the shift SSM's length (0: H3 without it); `ssm` is the diagonal SSM, one per
+    key channel shared by the heads. The state (`[B, H, D, D, N/2]` complex, kept as real pairs) and the shift
     SSM's last inputs live in the layer's `DynamicCache` slot.
     """
 
@@ -155,27 +203,7 @@ class H3Attention(nn.Module):
             self.shift_conv = nn.Conv1d(
                 inner, inner, kernel_size=self.short_conv_size, groups=inner, bias=False
             )
-        modes = config.h3_state_size // 2
-        self.log_dt = nn.Parameter(torch.empty(self.head_dim))
-        self.a_real_log = nn.Parameter(torch.empty(self.head_dim, modes))
-        self.a_imag = nn.Parameter(torch.empty(self.head_dim, modes))
-        self.c = nn.Parameter(torch.empty(self.head_dim, modes, 2))  # complex, as (real, imaginary)
-        self.skip = nn.Parameter(torch.empty(self.head_dim))
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """S4D-Lin: `a_n = -1/2 + iπn`, `Δ` log-uniform in `[h3_dt_min, h3_dt_max]`, `C ~ N(0, 1/2)` per part."""
-        config, modes = self.config, self.a_imag.shape[-1]
-        log_dt = torch.rand(self.head_dim) * (math.log(config.h3_dt_max) - math.log(config.h3_dt_min))
-        init.copy_(self.log_dt, log_dt + math.log(config.h3_dt_min))
-        init.constant_(self.a_real_log, math.log(0.5))
-        init.copy_(self.a_imag, math.pi * torch.arange(modes).float().expand(self.head_dim, modes))
-        init.normal_(self.c, mean=0.0, std=0.5**0.5)
-        init.ones_(self.skip)
-
-    def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(ā, C b̄)`, each `[head_dim, N/2]` complex."""
-        return s4d_modes(self.log_dt, self.a_real_log, self.a_imag, self.c)
+        self.ssm = DiagonalSSM(config, self.head_dim, layer_idx)
 
     def forward(
         self,
@@ -188,8 +216,7 @@ class H3Attention(nn.Module):
         if padding_mask is not None:
             # Padded inputs become zeros: k v = 0 there, so the state and the shift SSM of later tokens see nothing.
             hidden_states = hidden_states * padding_mask.bool()[..., None].to(hidden_states.dtype)
-        state = read_state(cache, self.layer_idx, self.states["recurrent"])
-        state = torch.view_as_complex(state) if state is not None else None
+        state = self.ssm.read_state(cache)
 
         # 1. Projections and the shift SSM on K
         query_states = self.q_proj(hidden_states)
@@ -205,20 +232,100 @@ class H3Attention(nn.Module):
 
         # 2. The diagonal SSM over the key-value products, read out by Q: FFT for training and prefill, recurrence
         # for single-token decoding.
-        a_bar, c_b = self.modes()
-        args = (heads(query_states), heads(key_states), heads(value_states), a_bar, c_b, self.skip, state)
+        a_bar, c_b = self.ssm.modes()
+        args = (heads(query_states), heads(key_states), heads(value_states), a_bar, c_b, self.ssm.skip, state)
         if length == 1:
             attn_output, state = h3_recurrent(*args)
         else:
             attn_output, state = h3_fft_conv(*args, output_final_state=cache is not None)
         if cache is not None:
-            cache.update_recurrent_state(
-                torch.view_as_real(state.contiguous()), self.layer_idx, state_idx=self.states["recurrent"]
-            )
+            self.ssm.write_state(cache, state)
 
         # 3. Output projection
         attn_output = attn_output.transpose(1, 2).reshape(batch, length, -1).to(hidden_states.dtype)
         return self.o_proj(attn_output)
 
 
-__all__ = ["H3Attention", "h3_fft_conv", "h3_recurrent", "s4d_kernel", "s4d_modes"]
+def s4d_conv(
+    u: torch.Tensor,
+    a_bar: torch.Tensor,
+    c_b: torch.Tensor,
+    skip: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The diagonal SSM alone on `u` (`[B, T, C]`, one SSM per channel): `y_t = Σ_{s≤t} K[:, t-s] u_s + D u_t`, by
+    FFT for `T > 1` and by the recurrence `S_t = ā S_{t-1} + u_t`, `y_t = 2 Re Σ_n C b̄ S_t + D u_t` for one token.
+    `initial_state` / the returned state: `[B, C, N/2]` complex."""
+    length = u.shape[1]
+    u = u.float()
+    if length == 1:
+        state = (
+            initial_state
+            if initial_state is not None
+            else torch.zeros(u.shape[0], *a_bar.shape, dtype=a_bar.dtype, device=u.device)
+        )
+        state = a_bar * state + u[:, 0, :, None]
+        y = 2 * torch.einsum("cn,bcn->bc", c_b, state).real + skip.float() * u[:, 0]
+        return y[:, None], state
+    kernel = s4d_kernel(a_bar, c_b, length)  # [C, T]
+    y = torch.fft.irfft(
+        torch.fft.rfft(u, n=2 * length, dim=1) * torch.fft.rfft(kernel, n=2 * length, dim=-1).T,
+        n=2 * length,
+        dim=1,
+    )[:, :length]
+    y = y + skip.float() * u
+    log_a = torch.log(a_bar)[..., None]  # [C, N/2, 1]
+    if initial_state is not None:
+        powers = torch.exp(log_a * torch.arange(1, length + 1, device=u.device))  # ā^(t+1)
+        y = y + 2 * torch.einsum("cn,cnt,bcn->btc", c_b, powers, initial_state).real
+    final_state = None
+    if output_final_state:
+        powers = torch.exp(log_a * torch.arange(length - 1, -1, -1, device=u.device))  # ā^(T-1-s)
+        final_state = torch.einsum("cnt,btc->bcn", powers, u.to(powers.dtype))
+        if initial_state is not None:
+            final_state = final_state + a_bar**length * initial_state
+    return y, final_state
+
+
+class S4DMixer(nn.Module):
+    r"""
+    The diagonal SSM alone (`token_mixer="s4d"`, S4D-like; no Q, K or shift SSM): `o_proj(gelu(SSM_diag(W_in x)))`
+    with one SSM per channel. H3's ablation of what a diagonal SSM can do without comparing tokens.
+    """
+
+    def __init__(self, config: DecayLinearAttnConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        inner = config.num_attention_heads * config.head_dim
+        self.in_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.ssm = DiagonalSSM(config, inner, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if padding_mask is not None:  # padded inputs become zeros: the state sees nothing of them
+            hidden_states = hidden_states * padding_mask.bool()[..., None].to(hidden_states.dtype)
+        state = self.ssm.read_state(cache)
+        a_bar, c_b = self.ssm.modes()
+        y, state = s4d_conv(self.in_proj(hidden_states), a_bar, c_b, self.ssm.skip, state, cache is not None)
+        if cache is not None:
+            self.ssm.write_state(cache, state)
+        return self.o_proj(F.gelu(y).to(hidden_states.dtype))
+
+
+__all__ = [
+    "DiagonalSSM",
+    "H3Attention",
+    "S4DMixer",
+    "h3_fft_conv",
+    "h3_recurrent",
+    "s4d_conv",
+    "s4d_kernel",
+    "s4d_modes",
+]

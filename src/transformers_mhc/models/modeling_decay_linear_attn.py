@@ -50,7 +50,7 @@ from .decay_linear_attention import (
     DecayLinearAttnTPE,
     read_state,
 )
-from .h3 import H3Attention
+from .h3 import DiagonalSSM, H3Attention, S4DMixer
 from .hub_mixin import HubMixin
 from .hyper_connection import (
     HyperConnection,
@@ -89,7 +89,7 @@ class DecayLinearAttnDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         if self.layer_type == "linear_attention":
-            mixer = H3Attention if config.token_mixer == "h3" else DecayLinearAttention
+            mixer = {"decay": DecayLinearAttention, "h3": H3Attention, "s4d": S4DMixer}[config.token_mixer]
             self.linear_attn = mixer(config, layer_idx)
         else:
             self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
@@ -184,7 +184,7 @@ class DecayLinearAttnPreTrainedModel(HubMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(
-            module, (DecayLinearAttnDecay, DecayLinearAttnTPE, H3Attention, HyperConnection, StreamReadout)
+            module, (DecayLinearAttnDecay, DecayLinearAttnTPE, DiagonalSSM, HyperConnection, StreamReadout)
         ):
             module.reset_parameters()
         elif isinstance(module, DecayLinearAttention) and module.short_conv_size:
