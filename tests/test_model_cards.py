@@ -246,6 +246,27 @@ def test_decay_card_with_the_real_config(tmp_path):
     _, body, _ = parsed(build_model_card(config), tmp_path)
     assert f"| Decay parameterisation (`decay_type`) | `{config.decay_type}` |" in body
     assert f"| Decay granularity (`decay_granularity`) | `{config.decay_granularity}` |" in body
+    assert "| Token mixer (`token_mixer`) | `decay`: linear attention with decay |" in body
+
+
+def test_decay_card_of_an_h3_model(tmp_path):
+    from transformers_mhc import DecayLinearAttnConfig
+
+    config = DecayLinearAttnConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        token_mixer="h3",
+        short_conv_size=4,
+        attention_layers="h3",
+    )
+    _, body, _ = parsed(build_model_card(config), tmp_path)
+    assert "| Token mixer (`token_mixer`) | `h3`: H3: Q ⊙ SSM_diag(SSM_shift(K) ⊙ V)" in body
+    assert "(unused by this mixer)" in body
+    assert "causal depthwise on k (H3's shift SSM)" in body
+    assert "2212.14052" in body
 
 
 # --- (c) converted checkpoints --------------------------------------------------------------------

@@ -215,6 +215,13 @@ def _conversion_context(conversion: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_TOKEN_MIXER_TITLES = {
+    "decay": "linear attention with decay",
+    "h3": "H3: Q ⊙ SSM_diag(SSM_shift(K) ⊙ V), S4D diagonal SSM",
+    "s4d": "S4D diagonal SSM alone, per channel",
+}
+
+
 def _decay_context(config: PreTrainedConfig) -> dict[str, Any]:
     fields = (
         "decay_type",
@@ -227,6 +234,8 @@ def _decay_context(config: PreTrainedConfig) -> dict[str, Any]:
     decay = {field: getattr(config, field, None) for field in fields}
     short_conv = decay["short_conv_size"] or 0
     layers = decay["attention_layers"] or []
+    mixer = getattr(config, "token_mixer", None) or "decay"
+    conv_targets = "k (H3's shift SSM)" if mixer == "h3" else "q, k and v (H3-style)"
     hyper_connection = getattr(config, "hyper_connection", None) or "none"
     num_streams = getattr(config, "num_streams", 1)
     return {
@@ -238,9 +247,11 @@ def _decay_context(config: PreTrainedConfig) -> dict[str, Any]:
         ),
         "decay": {key: ("n/a" if value is None else value) for key, value in decay.items()},
         "short_conv": short_conv,
-        "short_conv_text": (
-            f"kernel {short_conv}, causal depthwise on q, k and v (H3-style)" if short_conv else "none"
-        ),
+        "short_conv_text": f"kernel {short_conv}, causal depthwise on {conv_targets}"
+        if short_conv
+        else "none",
+        "token_mixer": mixer,
+        "token_mixer_text": _TOKEN_MIXER_TITLES.get(mixer, mixer),
         "attention_layers_text": (
             ", ".join(str(layer) for layer in layers) + " (hybrid; the other layers use linear attention)"
             if layers
