@@ -123,3 +123,13 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         handle.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lays out a matplotlib figure, writes it to `path` (creating the folder) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""The study scripts (`studies/stability.py`, `studies/decay.py`) run end to end with tiny settings.
+"""The study scripts (`studies/stability.py`, `studies/decay.py`, `studies/recall.py`) run end to end with tiny settings.
 
 Each script is run as a user would run it (a subprocess, `--quick`, output into `tmp_path`) on the real
 Shakespeare corpus; the test checks that the JSON is well formed and that a PNG was written.
@@ -19,16 +19,9 @@ STUDIES = REPO_ROOT / "studies"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(script: str, data_dir: Path, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(STUDIES / script),
-        "--quick",
-        "--data-dir",
-        str(data_dir),
-        "--out-dir",
-        str(out_dir),
-    ]
+def _run(script: str, data_dir: Path | None, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    data = [] if data_dir is None else ["--data-dir", str(data_dir)]  # recall.py needs no corpus
+    cmd = [sys.executable, str(STUDIES / script), "--quick", *data, "--out-dir", str(out_dir)]
     result = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, f"{script} failed:\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
@@ -101,3 +94,44 @@ def test_decay_quick(data_dir: Path, tmp_path: Path):
         assert all(0.0 <= m <= 1.0 for m in run["decay_median_per_layer"])
         label, granularity = run["name"].rsplit("/", 1)
         assert f"| {label} | {granularity} | {run['val_loss']:.4f} |" in table
+
+
+def test_recall_quick(tmp_path: Path):
+    # Two designs from the table, one that the config rejects and one naming a field the config lacks:
+    # both must be skipped with their reason, not crash the study.
+    result = _run(
+        "recall.py",
+        None,
+        tmp_path,
+        "--designs",
+        "softmax",
+        "simple_conv",
+        "--add-design",
+        'bad={"decay_type": "no-such-decay"}',
+        "--add-design",
+        'future=decay_linear_attn:{"no_such_field": "h3"}',
+    )
+    results = json.loads((tmp_path / "recall.json").read_text())
+    _assert_png(tmp_path / "recall.png")
+    table = (tmp_path / "recall.md").read_text()
+    assert results["command"].startswith("python studies/recall.py --quick")
+    assert [d["key"] for d in results["designs"]] == ["softmax", "simple_conv"]
+    skipped = {s["design"]: s["reason"] for s in results["skipped"]}
+    assert set(skipped) == {"bad", "future"}
+    assert "no_such_field" in skipped["future"] and "skipping design 'future'" in result.stderr
+    seeds, lrs = results["config"]["seeds"], results["config"]["lrs"]
+    # per design and task: every lr on the first seed, then the other seeds at the best lr
+    assert len(results["runs"]) == 2 * 2 * (len(lrs) + len(seeds) - 1)
+    for summary in results["summary"]:
+        assert summary["best_lr"] in lrs and summary["accuracy"]["n"] == len(seeds)
+        assert (
+            0.0
+            <= summary["accuracy"]["min"]
+            <= summary["accuracy"]["mean"]
+            <= summary["accuracy"]["max"]
+            <= 1.0
+        )
+        if summary["task"] == "mqar":
+            assert set(summary["accuracy_by_kv"]) == {str(kv) for kv in results["tasks"]["mqar"]["eval_kv"]}
+    for design in results["designs"]:
+        assert f"| {design['label']} |" in table
