@@ -67,30 +67,35 @@ def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, s
 
 
 def _decay_jobs(head_dim: int, vector: bool, dtype: str):
-    """The decay kernels with the tiles `decay_chunk._geometry` picks for K = V = head_dim and chunks of 64."""
+    """The decay kernels with the tiles and launch options `decay_chunk._geometry` gives K = V = head_dim and
+    chunks of 64."""
+    import torch
+
     from transformers_mhc.kernels import decay_chunk as dc
     from transformers_mhc.kernels import decay_recurrent as dr
 
     K = V = head_dim
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(dc.MAX_BLOCK_V if BK <= 64 else dc.MAX_BLOCK_V // 2, max(16, triton.next_power_of_2(V)))
-    NV = triton.cdiv(V, BV)
-    GK, GBK = (K, BK) if vector else (1, 1)
-    BT = 64
-    BR = dc.SUB_CHUNK if vector else min(BT, dc.MAX_BLOCK_ROWS)
-    tiles = dict(K=K, V=V, GK=GK, BK=BK, BV=BV, GBK=GBK)
-    mm = dict(MM=TL_DTYPES[dtype])
-    rows = dict(tiles, BT=BT, BR=BR, VECTOR=vector, **mm)
-    matmul = dc._MATMUL_LAUNCH
+    qk = torch.empty(1, 1, 64, K, device="meta", dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    log_decay = torch.empty((1, 1, 64, K) if vector else (1, 1, 64), device="meta")
+    geo = dc._geometry(qk, qk.new_empty(1, 1, 64, V), log_decay, chunk_size=64)
+
+    def split(meta):  # (constexprs, launch options)
+        launch = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+        return meta, launch
+
+    matmul, launch = split(geo.meta())
+    dqk, dqk_launch = split(geo.dqk_meta())
+    rows = dict(BT=geo.BT, BR=geo.BR, VECTOR=vector)
+    GK, GBK = geo.GK, geo.GBK
     rec_bv = min(dr.MAX_BLOCK_V, triton.next_power_of_2(V))
     return [
-        (dc._chunk_cumsum_kernel, dict(GK=GK, BT=BT, GBK=GBK), {}),
-        (dc._chunk_state_fwd_kernel, dict(tiles, BT=BT, HAS_H0=True, STORE_HT=True, **mm), matmul),
-        (dc._chunk_output_fwd_kernel, rows, matmul),
-        (dc._chunk_state_bwd_kernel, dict(tiles, BT=BT, HAS_DHT=True, STORE_DH0=True, **mm), matmul),
-        (dc._chunk_dv_bwd_kernel, rows, matmul),
-        (dc._chunk_dqk_bwd_kernel, dict(rows, NV=NV), matmul),
-        (dc._chunk_dlog_decay_bwd_kernel, dict(tiles, BT=BT, NV=NV, VECTOR=vector), {}),
+        (dc._chunk_cumsum_kernel, dict(GK=GK, BT=geo.BT, GBK=GBK), {}),
+        (dc._chunk_state_fwd_kernel, dict(matmul, BT=geo.BT, HAS_H0=True, STORE_HT=True), launch),
+        (dc._chunk_output_fwd_kernel, dict(matmul, NK=geo.NK, **rows), launch),
+        (dc._chunk_state_bwd_kernel, dict(matmul, BT=geo.BT, HAS_DHT=True, STORE_DH0=True), launch),
+        (dc._chunk_dv_bwd_kernel, dict(matmul, NK=geo.NK, **rows), launch),
+        (dc._chunk_dqk_bwd_kernel, dict(dqk, **rows), dqk_launch),
+        (dc._chunk_dlog_decay_bwd_kernel, dict(geo.meta(False), BT=geo.BT, NV=geo.NV, VECTOR=vector), {}),
         (
             dr._fused_recurrent_fwd_kernel,
             dict(

@@ -23,7 +23,8 @@ blocks strictly below the diagonal are factored around the row just before the r
 diagonal sub-chunk forms each exponent ``g_i - g_j`` directly, one key row at a time. Scalar decay needs
 no factoring: ``A = (Q K^T) * 2^(g_i - g_j)`` elementwise, on row blocks of up to 32 rows.
 
-Kernels, each with one program per (row block or value block, batch x head):
+Kernels, each with one program per (row block or value block, key block where the terms are separate per
+key channel, batch x head); key dims over 64 are split into tiles (``MAX_BLOCK_K``):
 
 * forward:  ``_chunk_cumsum`` -> ``_chunk_state_fwd`` (sequential over chunks) -> ``_chunk_output_fwd``
 * backward: ``_chunk_cumsum`` and ``_chunk_state_fwd`` again (recomputing keeps saved activations at the
@@ -57,15 +58,24 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LOG_DECAY_FLOOR = tl.constexpr(-64.0)
 # Rows per fp32 sub-chunk for vector decay (the smallest tile `tl.dot` accepts).
 SUB_CHUNK = 16
-# Largest key head dimension: the key axis is held in one tile.
+# Largest key head dimension.
 MAX_HEAD_DIM_K = 256
-# Largest value tile (32 once the key tile exceeds 64); larger value dims are split over programs or loops.
+# Key tile of the kernels with matrix products. A larger key dim is split over programs (state and dq/dk
+# kernels: every term is separate per key channel) or looped over in one program (output and dv kernels:
+# their scores sum over the key channels). A whole-K tile spilled registers from K = 128 on (12 KB in the
+# dq/dk kernel at K = 256, bf16, sm_90).
+MAX_BLOCK_K = 64
+# Largest value tile (32 once the key dim exceeds 64, 16 then for fp32); larger value dims are split over
+# programs or loops.
 MAX_BLOCK_V = 64
-# Largest row block for scalar decay (a chunk is covered by several row blocks).
+# Largest row block for scalar decay with 16-bit inputs (a chunk is covered by several row blocks).
 MAX_BLOCK_ROWS = 32
-# Launch options of the kernels with matrix products. Chosen from ptxas register / spill reports of the
-# kernels compiled offline for sm_80 (no spills at Dk = Dv = 64 in bf16), not from GPU timings.
+# Launch options of the kernels with matrix products.
 _MATMUL_LAUNCH = {"num_warps": 8, "num_stages": 2}
+# The dq/dk kernel holds the most tiles at once: value tiles of DQK_BLOCK_V in its loops, and one pipeline
+# stage with 32-row blocks. The tiles and launch options here are chosen so that the sm_90 ptxas reports show
+# no spill at Dk = Dv in {64, 128, 256}, bf16 and fp32 (benchmarks/ptxas_spills.py), not from GPU timings.
+DQK_BLOCK_V = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -114,6 +124,16 @@ def _state_offsets(i_bh, i_t, NT, ck, cv, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(i_k, BK: tl.constexpr, GBK: tl.constexpr):
+    """Key channels of key tile ``i_k`` and their decay channels: the same (vector decay, ``GBK = BK``) or one."""
+    ck = i_k * BK + tl.arange(0, BK)
+    gc = tl.arange(0, GBK)
+    if GBK == BK:
+        gc = ck
+    return ck, gc
+
+
+@triton.jit
 def _scores_offdiag(b_q, b_g, b_k, b_gk, b_gr, VECTOR: tl.constexpr, MM: tl.constexpr):
     """``A[i, j] = sum_c q_ic k_jc 2^(g_ic - g_jc)`` for a row block strictly after the column block.
 
@@ -138,20 +158,20 @@ def _scores_diag(
     g_ptr,
     r0,
     T,
+    ck,
     K: tl.constexpr,
     GK: tl.constexpr,
     BR: tl.constexpr,
-    BK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """Causal scores ``A[i, j]`` (zero for ``j > i``) inside the row block starting at row ``r0``."""
+    """Causal scores ``A[i, j]`` (zero for ``j > i``) inside the row block starting at row ``r0``, summed
+    over the key channels ``ck``."""
     o_r = tl.arange(0, BR)
     if VECTOR:
         # No reference row keeps both factors <= 1 inside the block: form each g_i - g_j (<= 0 for
         # j <= i) directly, one key row per step, in fp32.
         # Loads and exp2 are written inline and pointers advance by one row: a short loop body.
-        ck = tl.arange(0, BK)
         n_left = T - r0 - 0 * ck  # rows left in the sequence, as a vector so the mask is one
         p_k = k_ptr + r0 * K + ck
         p_g = g_ptr + r0 * GK + ck
@@ -206,15 +226,17 @@ def _chunk_state_fwd_kernel(
     STORE_HT: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """Walk the chunks in order, writing the state at each chunk start to ``h`` ([BH, NT, K, V], fp32)."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    """Walk the chunks in order, writing the state at each chunk start to ``h`` ([BH, NT, K, V], fp32).
+
+    Each key channel's rows of the state evolve on their own, so programs split the key axis too.
+    """
+    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     k_ptr += bh * T * K
     v_ptr += bh * T * V
     g_ptr += bh * T * GK
-    ck = tl.arange(0, BK)
+    ck, gc = _key_tile(i_k, BK, GBK)
     cv = i_v * BV + tl.arange(0, BV)
-    gc = tl.arange(0, GBK)
     s_offs, s_mask = _state_offsets(bh, 0, 1, ck, cv, K, V)
     if HAS_H0:
         b_h = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
@@ -254,10 +276,15 @@ def _chunk_output_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GBK: tl.constexpr,
+    NK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """Outputs of one row block: through the chunk-start state, plus causal intra-chunk attention."""
+    """Outputs of one row block: through the chunk-start state, plus causal intra-chunk attention.
+
+    Both terms are sums over key channels, taken over ``NK`` key tiles in turn: a whole-K tile spills
+    registers from K = 128 on.
+    """
     i_tr, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NR: tl.constexpr = BT // BR
     i_t, i_r = i_tr // NR, i_tr % NR
@@ -271,32 +298,33 @@ def _chunk_output_fwd_kernel(
     v_ptr += bh * T * V
     g_ptr += bh * T * GK
     o_ptr += bh * T * V
-    ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
-    gc = tl.arange(0, GBK)
     rows = r0 + tl.arange(0, BR)
 
-    b_q = _load_rows(q_ptr, rows, ck, T, K)
-    b_g = _load_rows(g_ptr, rows, gc, T, GK)
-    h_offs, h_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
-    b_h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-    # Everything before the chunk, through its start state; 2^g_i <= 1.
-    b_o = _mm(b_q * tl.exp2(b_g), b_h, MM)
+    b_o = tl.zeros([BR, BV], dtype=tl.float32)
+    for i_k in range(NK):
+        ck, gc = _key_tile(i_k, BK, GBK)
+        b_q = _load_rows(q_ptr, rows, ck, T, K)
+        b_g = _load_rows(g_ptr, rows, gc, T, GK)
+        h_offs, h_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
+        b_h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+        # Everything before the chunk, through its start state; 2^g_i <= 1.
+        b_o += _mm(b_q * tl.exp2(b_g), b_h, MM)
 
-    # Column blocks strictly before this row block (none when the row block is the whole chunk).
-    b_gr = _load_row(g_ptr, r0 - 1, gc, T, GK)
-    for i_b in range(0, i_r):
-        rows_b = c0 + i_b * BR + tl.arange(0, BR)
-        b_kb = _load_rows(k_ptr, rows_b, ck, T, K)
-        b_vb = _load_rows(v_ptr, rows_b, cv, T, V)
-        b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
-        b_A = _scores_offdiag(b_q, b_g, b_kb, b_gb, b_gr, VECTOR, MM)
-        b_o += _mm(b_A, b_vb, MM)
+        # Column blocks strictly before this row block (none when the row block is the whole chunk).
+        b_gr = _load_row(g_ptr, r0 - 1, gc, T, GK)
+        for i_b in range(0, i_r):
+            rows_b = c0 + i_b * BR + tl.arange(0, BR)
+            b_kb = _load_rows(k_ptr, rows_b, ck, T, K)
+            b_vb = _load_rows(v_ptr, rows_b, cv, T, V)
+            b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
+            b_A = _scores_offdiag(b_q, b_g, b_kb, b_gb, b_gr, VECTOR, MM)
+            b_o += _mm(b_A, b_vb, MM)
 
-    b_k = _load_rows(k_ptr, rows, ck, T, K)
-    b_v = _load_rows(v_ptr, rows, cv, T, V)
-    b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, K, GK, BR, BK, VECTOR, MM)
-    b_o += _mm(b_A, b_v, MM)
+        b_k = _load_rows(k_ptr, rows, ck, T, K)
+        b_v = _load_rows(v_ptr, rows, cv, T, V)
+        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM)
+        b_o += _mm(b_A, b_v, MM)
     _store_rows(o_ptr, b_o * scale, rows, cv, T, V)
 
 
@@ -325,15 +353,15 @@ def _chunk_state_bwd_kernel(
     STORE_DH0: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """Walk the chunks backwards, writing the gradient w.r.t. the state at each chunk END to ``dh``."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    """Walk the chunks backwards, writing the gradient w.r.t. the state at each chunk END to ``dh``
+    (split over key and value blocks like ``_chunk_state_fwd_kernel``)."""
+    i_v, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     q_ptr += bh * T * K
     do_ptr += bh * T * V
     g_ptr += bh * T * GK
-    ck = tl.arange(0, BK)
+    ck, gc = _key_tile(i_k, BK, GBK)
     cv = i_v * BV + tl.arange(0, BV)
-    gc = tl.arange(0, GBK)
     s_offs, s_mask = _state_offsets(bh, 0, 1, ck, cv, K, V)
     if HAS_DHT:
         b_dh = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
@@ -373,10 +401,12 @@ def _chunk_dv_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GBK: tl.constexpr,
+    NK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """``dv_j = scale * sum_{i >= j} A_ij do_i + (k_j * 2^(gl - g_j)) dH_end`` for one row block."""
+    """``dv_j = scale * sum_{i >= j} A_ij do_i + (k_j * 2^(gl - g_j)) dH_end`` for one row block, summed
+    over ``NK`` key tiles as in ``_chunk_output_fwd_kernel``."""
     i_tr, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NR: tl.constexpr = BT // BR
     i_t, i_r = i_tr // NR, i_tr % NR
@@ -391,32 +421,33 @@ def _chunk_dv_bwd_kernel(
     do_ptr += bh * T * V
     g_ptr += bh * T * GK
     dv_ptr += bh * T * V
-    ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
-    gc = tl.arange(0, GBK)
     rows = r0 + tl.arange(0, BR)
 
-    b_k = _load_rows(k_ptr, rows, ck, T, K)
-    b_g = _load_rows(g_ptr, rows, gc, T, GK)
-    b_gl = _load_row(g_ptr, tl.minimum(c0 + BT, T) - 1, gc, T, GK)
-    dh_offs, dh_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
-    b_dh = tl.load(dh_ptr + dh_offs, mask=dh_mask, other=0.0)
-    b_dv = _mm(b_k * _decay(b_gl[None, :] - b_g), b_dh, MM)
+    b_dv = tl.zeros([BR, BV], dtype=tl.float32)
+    for i_k in range(NK):
+        ck, gc = _key_tile(i_k, BK, GBK)
+        b_k = _load_rows(k_ptr, rows, ck, T, K)
+        b_g = _load_rows(g_ptr, rows, gc, T, GK)
+        b_gl = _load_row(g_ptr, tl.minimum(c0 + BT, T) - 1, gc, T, GK)
+        dh_offs, dh_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
+        b_dh = tl.load(dh_ptr + dh_offs, mask=dh_mask, other=0.0)
+        b_dv += _mm(b_k * _decay(b_gl[None, :] - b_g), b_dh, MM)
 
-    b_q = _load_rows(q_ptr, rows, ck, T, K)
-    b_do = _load_rows(do_ptr, rows, cv, T, V)
-    b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, K, GK, BR, BK, VECTOR, MM)
-    b_dv += scale * _mm(tl.trans(b_A), b_do, MM)
-    # Row blocks after this one (queries that attend to this block's keys).
-    for i_b in range(i_r + 1, nrv):
-        rb0 = c0 + i_b * BR
-        rows_b = rb0 + tl.arange(0, BR)
-        b_qb = _load_rows(q_ptr, rows_b, ck, T, K)
-        b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
-        b_dob = _load_rows(do_ptr, rows_b, cv, T, V)
-        b_gr = _load_row(g_ptr, rb0 - 1, gc, T, GK)
-        b_A = _scores_offdiag(b_qb, b_gb, b_k, b_g, b_gr, VECTOR, MM)
-        b_dv += scale * _mm(tl.trans(b_A), b_dob, MM)
+        b_q = _load_rows(q_ptr, rows, ck, T, K)
+        b_do = _load_rows(do_ptr, rows, cv, T, V)
+        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM)
+        b_dv += scale * _mm(tl.trans(b_A), b_do, MM)
+        # Row blocks after this one (queries that attend to this block's keys).
+        for i_b in range(i_r + 1, nrv):
+            rb0 = c0 + i_b * BR
+            rows_b = rb0 + tl.arange(0, BR)
+            b_qb = _load_rows(q_ptr, rows_b, ck, T, K)
+            b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
+            b_dob = _load_rows(do_ptr, rows_b, cv, T, V)
+            b_gr = _load_row(g_ptr, rb0 - 1, gc, T, GK)
+            b_A = _scores_offdiag(b_qb, b_gb, b_k, b_g, b_gr, VECTOR, MM)
+            b_dv += scale * _mm(tl.trans(b_A), b_dob, MM)
     _store_rows(dv_ptr, b_dv, rows, cv, T, V)
 
 
@@ -453,6 +484,7 @@ def _dqk_diag(
     g_ptr,
     r0,
     T,
+    ck,
     K: tl.constexpr,
     GK: tl.constexpr,
     BR: tl.constexpr,
@@ -460,10 +492,10 @@ def _dqk_diag(
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """Strictly causal pairs (j < i) of the diagonal block: its parts of dq and dk (without ``scale``)."""
+    """Strictly causal pairs (j < i) of the diagonal block: its parts of dq and dk (without ``scale``) in the
+    key channels ``ck``."""
     o_r = tl.arange(0, BR)
     if VECTOR:
-        ck = tl.arange(0, BK)
         n_left = T - r0 - 0 * ck
         p_q = q_ptr + r0 * K + ck
         p_k = k_ptr + r0 * K + ck
@@ -520,13 +552,16 @@ def _chunk_dqk_bwd_kernel(
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
 ):
-    """dq and dk of one row block, and the two per-row pieces ``w``, ``x`` of the log-decay gradient.
+    """dq and dk of one row block in one block of key channels, and the two per-row pieces ``w``, ``x`` of
+    the log-decay gradient.
 
     dq_i = scale * [2^g_i (H do_i) + sum_{j <= i} dA_ij k_j 2^(g_i - g_j)],         dA = do v^T
     dk_j = 2^(gl - g_j) (dH_end v_j) + scale * sum_{i >= j} dA_ij q_i 2^(g_i - g_j)
+    Every term is separate per key channel except dA, which sums over the value axis only: so the key axis
+    is tiled over programs (a whole-K tile spills registers from K = 128 on), each program recomputing dA.
     Products over the value axis are accumulated over value tiles inside the program.
     """
-    i_tr, i_bh = tl.program_id(0), tl.program_id(1)
+    i_tr, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NR: tl.constexpr = BT // BR
     i_t, i_r = i_tr // NR, i_tr % NR
     c0 = i_t * BT
@@ -540,8 +575,7 @@ def _chunk_dqk_bwd_kernel(
     v_ptr += bh * T * V
     do_ptr += bh * T * V
     g_ptr += bh * T * GK
-    ck = tl.arange(0, BK)
-    gc = tl.arange(0, GBK)
+    ck, gc = _key_tile(i_k, BK, GBK)
     o_r = tl.arange(0, BR)
     rows = r0 + o_r
 
@@ -571,7 +605,7 @@ def _chunk_dqk_bwd_kernel(
     # Strictly causal intra-chunk pairs (j < i). The pairs i = j are added separately below: their
     # shares of q*dq and k*dk are equal and cancel in the log-decay gradient, and leaving them out
     # of it keeps that gradient accurate when it is tiny (strong decay).
-    b_dq, b_dk = _dqk_diag(b_dA, b_q, b_k, b_g, q_ptr, k_ptr, g_ptr, r0, T, K, GK, BR, BK, VECTOR, MM)
+    b_dq, b_dk = _dqk_diag(b_dA, b_q, b_k, b_g, q_ptr, k_ptr, g_ptr, r0, T, ck, K, GK, BR, BK, VECTOR, MM)
     for i_b in range(0, i_r):  # earlier key blocks -> dq
         rows_b = c0 + i_b * BR + o_r
         b_kb = _load_rows(k_ptr, rows_b, ck, T, K)
@@ -607,11 +641,13 @@ def _chunk_dqk_bwd_kernel(
     b_dk = b_dk_h + scale * (b_dk + b_dd[:, None] * b_qf)
     _store_rows(dq_ptr + bh * T * K, b_dq, rows, ck, T, K)
     _store_rows(dk_ptr + bh * T * K, b_dk, rows, ck, T, K)
-    if not VECTOR:  # one decay per head: sum its gradient over the channels
+    wx = bh  # w and x are [BH, T, GK]; for scalar decay [NK, BH, T, 1], summed over key blocks by the caller
+    if not VECTOR:  # one decay per head: sum its gradient over this block's channels
         b_w = tl.sum(b_w, axis=1, keep_dims=True)
         b_x = tl.sum(b_x, axis=1, keep_dims=True)
-    _store_rows(w_ptr + bh * T * GK, b_w, rows, gc, T, GK)
-    _store_rows(x_ptr + bh * T * GK, b_x, rows, gc, T, GK)
+        wx += i_k * tl.num_programs(2)
+    _store_rows(w_ptr + wx * T * GK, b_w, rows, gc, T, GK)
+    _store_rows(x_ptr + wx * T * GK, b_x, rows, gc, T, GK)
 
 
 @triton.jit
@@ -706,11 +742,29 @@ class _Geometry:
     def BH(self) -> int:
         return self.B * self.H
 
+    @property
+    def NK(self) -> int:
+        """Key tiles of the kernels with matrix products."""
+        return self.BK // min(self.BK, MAX_BLOCK_K)
+
     def meta(self, matmul: bool = True) -> dict[str, int | tl.dtype]:
-        """Compile-time arguments shared by the kernels, plus ``MM`` and the launch options of the
-        kernels with matrix products."""
+        """Compile-time arguments shared by the kernels; with ``matmul``, those of the kernels with matrix
+        products: key tiles of at most ``MAX_BLOCK_K`` (``NK`` of them), ``MM`` and the launch options."""
         meta = {"K": self.K, "V": self.V, "GK": self.GK, "BK": self.BK, "BV": self.BV, "GBK": self.GBK}
-        return {**meta, "MM": self.MM, **_MATMUL_LAUNCH} if matmul else meta
+        if not matmul:
+            return meta
+        bk = self.BK // self.NK
+        return {**meta, "BK": bk, "GBK": bk if self.vector else 1, "MM": self.MM, **_MATMUL_LAUNCH}
+
+    def row_meta(self) -> dict[str, int | tl.dtype]:
+        """``meta()`` plus the row blocks and key tiles of the output and dv kernels."""
+        return {"BT": self.BT, "BR": self.BR, "NK": self.NK, "VECTOR": self.vector, **self.meta()}
+
+    def dqk_meta(self) -> dict[str, int | tl.dtype]:
+        """``meta()`` with the value tiles and launch options of the dq/dk kernel (see ``DQK_BLOCK_V``)."""
+        tiles = {"BV": DQK_BLOCK_V, "NV": triton.cdiv(self.V, DQK_BLOCK_V)}
+        stages = 1 if self.BR > SUB_CHUNK else _MATMUL_LAUNCH["num_stages"]
+        return {**self.meta(), **tiles, "num_stages": stages}
 
 
 def check_decay_inputs(
@@ -772,7 +826,12 @@ def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_s
     # A short sequence needs no chunk longer than itself (the math does not depend on the chunking).
     BT = min(chunk_size, max(SUB_CHUNK, triton.next_power_of_2(T)))
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(MAX_BLOCK_V if BK <= 64 else MAX_BLOCK_V // 2, max(16, triton.next_power_of_2(V)))
+    # Exact fp32 products run on FMA units with both operands spread over registers: smaller row and value
+    # tiles than for 16-bit inputs keep them from spilling (sm_90 ptxas reports).
+    fp32 = q.dtype == torch.float32
+    BV = min(
+        MAX_BLOCK_V if BK <= 64 else MAX_BLOCK_V // (4 if fp32 else 2), max(16, triton.next_power_of_2(V))
+    )
     return _Geometry(
         B=B,
         H=H,
@@ -781,7 +840,7 @@ def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_s
         V=V,
         vector=vector,
         BT=BT,
-        BR=SUB_CHUNK if vector else min(BT, MAX_BLOCK_ROWS),
+        BR=SUB_CHUNK if vector or fp32 else min(BT, MAX_BLOCK_ROWS),
         BK=BK,
         BV=BV,
         GK=K if vector else 1,
@@ -813,7 +872,7 @@ def _chunk_states(
         if output_final_state
         else None
     )
-    _chunk_state_fwd_kernel[(geo.NV, geo.BH)](
+    _chunk_state_fwd_kernel[(geo.NV, geo.NK, geo.BH)](
         k,
         v,
         g,
@@ -846,9 +905,7 @@ def chunk_decay_fwd(
     h, ht = _chunk_states(k, v, g, initial_state, geo, output_final_state)
     o = torch.empty_like(v, dtype=q.dtype)
     grid = (geo.NT * (geo.BT // geo.BR), geo.NV, geo.BH)
-    _chunk_output_fwd_kernel[grid](
-        q, k, v, g, h, o, scale, geo.T, geo.NT, BT=geo.BT, BR=geo.BR, VECTOR=geo.vector, **geo.meta()
-    )
+    _chunk_output_fwd_kernel[grid](q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta())
     return o, ht
 
 
@@ -873,7 +930,7 @@ def chunk_decay_bwd(
 
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    _chunk_state_bwd_kernel[(geo.NV, geo.BH)](
+    _chunk_state_bwd_kernel[(geo.NV, geo.NK, geo.BH)](
         q,
         do,
         g,
@@ -892,14 +949,15 @@ def chunk_decay_bwd(
     n_row_blocks = geo.NT * (geo.BT // geo.BR)
     dv = torch.empty_like(v)
     _chunk_dv_bwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
-        q, k, do, g, dh, dv, scale, geo.T, geo.NT, BT=geo.BT, BR=geo.BR, VECTOR=geo.vector, **geo.meta()
+        q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.row_meta()
     )
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
-    w = torch.empty_like(g)
-    x = torch.empty_like(g)
-    _chunk_dqk_bwd_kernel[(n_row_blocks, geo.BH)](
+    # Scalar decay: one slice of channel sums per key block, added up here.
+    w = torch.empty((1 if geo.vector else geo.NK, *g.shape), device=g.device, dtype=g.dtype)
+    x = torch.empty_like(w)
+    _chunk_dqk_bwd_kernel[(n_row_blocks, geo.NK, geo.BH)](
         q,
         k,
         v,
@@ -916,10 +974,10 @@ def chunk_decay_bwd(
         geo.NT,
         BT=geo.BT,
         BR=geo.BR,
-        NV=geo.NV,
         VECTOR=geo.vector,
-        **geo.meta(),
+        **geo.dqk_meta(),
     )
+    w, x = w.sum(0), x.sum(0)
 
     dlog_decay = torch.empty_like(log_decay)
     _chunk_dlog_decay_bwd_kernel[(geo.NT, geo.BH)](

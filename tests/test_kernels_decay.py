@@ -99,6 +99,9 @@ SHAPES = [
     pytest.param(2, 1, 40, 24, 80, 32, id="T40-c32-B2H1-K24V80"),
     pytest.param(1, 1, 17, 16, 16, 64, id="T17"),
     pytest.param(1, 1, 1, 16, 16, 64, id="T1"),
+    # Key dims over the kernels' key tile (64): two key tiles, the second partly masked (K = 80) or full (K = 128).
+    pytest.param(1, 1, 20, 80, 16, 16, id="T20-c16-K80V16"),
+    pytest.param(1, 1, 20, 128, 24, 16, id="T20-c16-K128V24"),
 ]
 
 
@@ -243,9 +246,9 @@ for vector in (False, True):
     jobs = [
         (dc._chunk_cumsum_kernel, dict(GK=GK, BT=64, GBK=GBK)),
         (dc._chunk_state_fwd_kernel, dict(tiles, BT=64, HAS_H0=True, STORE_HT=True, MM=tl.bfloat16)),
-        (dc._chunk_output_fwd_kernel, chunk),
+        (dc._chunk_output_fwd_kernel, dict(chunk, NK=1)),
         (dc._chunk_state_bwd_kernel, dict(tiles, BT=64, HAS_DHT=True, STORE_DH0=True, MM=tl.bfloat16)),
-        (dc._chunk_dv_bwd_kernel, chunk),
+        (dc._chunk_dv_bwd_kernel, dict(chunk, NK=1)),
         (dc._chunk_dqk_bwd_kernel, dict(chunk, NV=2)),
         (dc._chunk_dlog_decay_bwd_kernel, dict(tiles, BT=64, NV=2, VECTOR=vector)),
         (dr._fused_recurrent_fwd_kernel, dict(tiles, HAS_H0=True, STORE_HT=True)),
