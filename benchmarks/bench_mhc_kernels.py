@@ -43,7 +43,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_mhc_kernel
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     # Write to a temporary file and rename, so an interrupted run never leaves a half-written result.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(message)
         payload.update(status="skipped", reason=message, results=[])
-        _write_json(args.output, payload)
+        write_json(args.output, payload)
         print(f"wrote {args.output}")
         return payload
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             del cases
             torch.cuda.empty_cache()
     payload.update(status="ok", results=results)
-    _write_json(args.output, payload)
+    write_json(args.output, payload)
     print(f"wrote {args.output}")
     return payload
 

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -53,7 +51,7 @@ import torch
 sys.path.insert(
     0, str(Path(__file__).resolve().parent)
 )  # run as a script or imported: its sibling benchmarks
-from bench_mhc_kernels import mhc_op_cases  # noqa: E402
+from bench_mhc_kernels import mhc_op_cases, write_json  # noqa: E402
 
 # Relative error allowed between the kernels and the torch path: fp32 is the same math in another order; bf16
 # products are rounded to bf16 in the kernels (tensor cores) and not in the torch path (fp32 compute).
@@ -384,16 +382,6 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    # Temporary file + rename: a run stopped mid-write never leaves a half-written result.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -447,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if not row.get("ok", False):
             payload["failures"].append(label)
         payload["elapsed_s"] = time.perf_counter() - start
-        _write_json(output, payload)
+        write_json(output, payload)
         print(f"{'ok  ' if row.get('ok') else 'FAIL'} {label} {row.get('error', '')}", flush=True)
 
     torch.manual_seed(0)
@@ -474,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["mhc_overhead_vs_plain"] = mhc["triton_train_step_ms"] / plain["triton_train_step_ms"]
     payload["elapsed_s"] = time.perf_counter() - start
     payload["all_ok"] = not payload["failures"]
-    _write_json(output, payload)
+    write_json(output, payload)
     print(f"wrote {output} in {payload['elapsed_s']:.0f} s; failures: {payload['failures'] or 'none'}")
     return 0 if payload["all_ok"] else 1
 

@@ -63,9 +63,14 @@ def s4d_modes(
     return a_bar, torch.view_as_complex(c.float().contiguous()) * b_bar
 
 
+def mode_powers(a_bar: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """`ā^e` for every mode and every exponent in `exponents` (integers): `[D, N/2, len(exponents)]` complex."""
+    return torch.exp(torch.log(a_bar)[..., None] * exponents.to(a_bar.device))
+
+
 def s4d_kernel(a_bar: torch.Tensor, c_b: torch.Tensor, length: int) -> torch.Tensor:
     """`K[i, τ] = 2 Re Σ_n (C b̄)[i, n] ā[i, n]^τ` for `τ < length`: `[D, length]` fp32 (a Vandermonde product)."""
-    powers = torch.exp(torch.log(a_bar)[..., None] * torch.arange(length, device=a_bar.device))
+    powers = mode_powers(a_bar, torch.arange(length))
     return 2 * torch.einsum("dn,dnt->dt", c_b, powers).real
 
 
@@ -95,15 +100,13 @@ def h3_fft_conv(
     mixed = mixed + skip.float()[:, None] * kv
     if initial_state is not None:
         # The initial state decays into every position: 2 Re Σ_n C b̄ ā^(t+1) S0.
-        steps = torch.arange(1, length + 1, device=q.device)
-        powers = torch.exp(torch.log(a_bar)[..., None] * steps)  # [Dk, N/2, T]
+        powers = mode_powers(a_bar, torch.arange(1, length + 1))  # [Dk, N/2, T]
         mixed = mixed + 2 * torch.einsum("dn,dnt,bhden->bhtde", c_b, powers, initial_state).real
     y = torch.einsum("bhti,bhtij->bhtj", q.float(), mixed)
     final_state = None
     if output_final_state:
         # S_{T-1} = Σ_s ā^(T-1-s) k_s v_s + ā^T S0
-        steps = torch.arange(length - 1, -1, -1, device=q.device)
-        powers = torch.exp(torch.log(a_bar)[..., None] * steps)  # [Dk, N/2, T]
+        powers = mode_powers(a_bar, torch.arange(length - 1, -1, -1))  # [Dk, N/2, T]
         final_state = torch.einsum("dnt,bhtde->bhden", powers, kv.to(powers.dtype))
         if initial_state is not None:
             final_state = final_state + a_bar[:, None, :] ** length * initial_state
@@ -275,13 +278,12 @@ def s4d_conv(
         dim=1,
     )[:, :length]
     y = y + skip.float() * u
-    log_a = torch.log(a_bar)[..., None]  # [C, N/2, 1]
     if initial_state is not None:
-        powers = torch.exp(log_a * torch.arange(1, length + 1, device=u.device))  # ā^(t+1)
+        powers = mode_powers(a_bar, torch.arange(1, length + 1))  # ā^(t+1)
         y = y + 2 * torch.einsum("cn,cnt,bcn->btc", c_b, powers, initial_state).real
     final_state = None
     if output_final_state:
-        powers = torch.exp(log_a * torch.arange(length - 1, -1, -1, device=u.device))  # ā^(T-1-s)
+        powers = mode_powers(a_bar, torch.arange(length - 1, -1, -1))  # ā^(T-1-s)
         final_state = torch.einsum("cnt,btc->bcn", powers, u.to(powers.dtype))
         if initial_state is not None:
             final_state = final_state + a_bar**length * initial_state
@@ -325,6 +327,7 @@ __all__ = [
     "S4DMixer",
     "h3_fft_conv",
     "h3_recurrent",
+    "mode_powers",
     "s4d_conv",
     "s4d_kernel",
     "s4d_modes",
