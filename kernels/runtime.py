@@ -46,4 +46,16 @@ def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-__all__ = ["INTERPRETED", "can_launch_on", "device_guard"]
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for `tl.dot` on operands of `dtype`, as torch's own matmuls would choose it.
+
+    16-bit operands go to the tensor cores whatever the flag says. fp32 operands use TF32 tensor cores only when the
+    user allowed it for torch's matmuls (`torch.set_float32_matmul_precision("high")` or `"medium"`); torch's
+    default, `"highest"`, keeps exact fp32 products ("ieee"), which is what the tests compare against.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+__all__ = ["INTERPRETED", "can_launch_on", "device_guard", "dot_precision"]
