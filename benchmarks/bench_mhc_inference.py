@@ -42,6 +42,8 @@ Sections:
 - `decode_compiled` (only with `--compile`; off by default, compilation takes minutes on CPU): the `decode` loop on
   a `StaticCache` (`max_cache_len` = prompt + steps, reset per repetition) with the forward wrapped in
   `torch.compile` (default mode) for every model; the prompt is prefilled eagerly.
+- `prefill_compiled` (only with `--compile`): the `prefill` call with the forward wrapped in `torch.compile`
+  (default mode, compiled for the one prefill length before timing).
 
 Ratios, per section: `time_ratio` = median ÷ Llama's median, `time_ratio_paired_median` = median over the paired
 measurements (same repetition / same step) of time ÷ Llama's time, `time_ratio_min` = min ÷ Llama's min. The
@@ -85,7 +87,7 @@ import transformers_mhc
 from transformers_mhc.outputs import fresh_path
 
 MODELS = ("llama", "mhc", "mhc_none")
-SECTIONS = ("prefill", "decode", "generate", "decode_compiled")
+SECTIONS = ("prefill", "decode", "generate", "decode_compiled", "prefill_compiled")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,11 +179,12 @@ def section(times: dict[str, list[float]], per: int = 1, **extra) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Sections
 # ------------------------------------------------------------------------------------------------
-def bench_prefill(models: dict, prefill_len: int, reps: int, warmup: int) -> dict:
+def bench_prefill(models: dict, prefill_len: int, reps: int, warmup: int, compiled: bool = False) -> dict:
     input_ids = torch.randint(0, VOCAB, (BATCH, prefill_len))
 
     def call(model):
-        return lambda: model(input_ids=input_ids, use_cache=True)
+        forward = torch.compile(model.forward) if compiled else model
+        return lambda: forward(input_ids=input_ids, use_cache=True)
 
     times = time_calls({name: call(model) for name, model in models.items()}, reps, warmup)
     return section(times, tokens=prefill_len)
@@ -262,6 +265,9 @@ def bench_hidden(hidden: int, args: argparse.Namespace) -> dict:
             sections["decode_compiled"] = bench_decode(
                 models, args.prompt_len, args.decode_steps, args.reps, max(1, args.warmup), compiled=True
             )
+            sections["prefill_compiled"] = bench_prefill(
+                models, args.prefill_len, args.reps, max(1, args.warmup), compiled=True
+            )
     return {
         "hidden": hidden,
         "intermediate_size": intermediate_size(hidden),
@@ -303,7 +309,7 @@ def print_table(rows: list[dict]) -> None:
         groups.setdefault((r["hidden"], r["section"]), {})[r["model"]] = r
     for (hidden, name), g in groups.items():
         ms = {m: g[m]["median_time_s"] * 1e3 for m in MODELS}
-        unit = " /tok" if name != "prefill" else ""
+        unit = " /tok" if not name.startswith("prefill") else ""
         print(
             f"| {hidden} | {name}{unit} | {ms['llama']:.2f} | {ms['mhc']:.2f} | {ms['mhc_none']:.2f} | "
             f"{g['mhc']['time_ratio']:.3f} | {g['mhc']['time_ratio_paired_median']:.3f} | "
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time decoding with a StaticCache and torch.compile (slow)",
+        help="also time prefill and decoding (with a StaticCache) under torch.compile (slow)",
     )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/mhc_inference.json"))
     parser.add_argument(
