@@ -28,6 +28,9 @@ Without a GPU they run on CPU tensors only under `TRITON_INTERPRET=1` (set befor
 
 from __future__ import annotations
 
+import torch
+
+from . import mhc_coefficients, mhc_mix, mhc_sinkhorn
 from .mhc_coefficients import MHCCoefficientsTritonFunction, mhc_coefficients_triton
 from .mhc_mix import (
     HCPreMixTritonFunction,
@@ -38,12 +41,27 @@ from .mhc_mix import (
 from .mhc_sinkhorn import SinkhornKnoppTritonFunction, sinkhorn_knopp_triton
 from .runtime import can_launch_on
 
+
+def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
+    """`(kernel, constexprs, launch options)` of every mHC kernel variant the launchers compile for `n` streams of
+    `dtype` (many tokens, hidden size 4096), for offline compiles without a GPU (`benchmarks/ptxas_spills.py`).
+    Pointers named in `STREAM_POINTERS` carry `dtype`; every other one is fp32."""
+    return [
+        job for module in (mhc_sinkhorn, mhc_coefficients, mhc_mix) for job in module.compile_jobs(n, dtype)
+    ]
+
+
+# The kernels' pointer arguments that carry the model dtype (streams, sub-layer output and their gradients).
+STREAM_POINTERS = frozenset({"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"})
+
 __all__ = [
     "HCPreMixTritonFunction",
     "HCResPostMixTritonFunction",
     "MHCCoefficientsTritonFunction",
+    "STREAM_POINTERS",
     "SinkhornKnoppTritonFunction",
     "can_launch_on",
+    "compile_jobs",
     "hc_pre_mix_triton",
     "hc_res_post_mix_triton",
     "mhc_coefficients_triton",

@@ -20,6 +20,12 @@ read once and never normalised in memory.
 
 Backward, with `r = rsqrt(mean(x²) + eps)`, `p = r · (x φᵀ)` and `dp` the gradient reaching `p`:
 `dx = (r·dp) φ - (r²/nC) (Σ_m dp·p) x` and `dφ = (r·dp)ᵀ x`.
+
+The matmuls run on tensor cores: 16-bit streams feed them directly with the fp32 weights and gradients split
+into two 16-bit terms (`_dot`), so the result stays as precise as the fp32 torch reference; fp32 streams use
+TF32 only when `torch.get_float32_matmul_precision()` allows it (`runtime.dot_precision`), else exact fp32.
+At decode (fewer token blocks than SMs) the nC reduction is split across programs (`_k_split`): partial sums
+reduced in a fixed order by a second kernel in the forward; in the backward dx needs no reduction.
 """
 
 from __future__ import annotations
@@ -29,16 +35,93 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import device_guard
+from .runtime import INTERPRETED, device_guard, dot_precision
 
 # tl.dot needs every dimension >= 16.
 _MIN_DOT = 16
 _BLOCK_T = 16
+# Split-K (decode): with fewer token blocks than SMs, the nC reduction is split across programs, each walking at
+# least this many K blocks (fewer would make the partial sums cost more than the walk they save).
+_MIN_BLOCKS_PER_SPLIT = 4
+# Programs to aim for when the device is not a GPU (the interpreter): an H100's SM count.
+_DEFAULT_SM_COUNT = 132
+# Triton 3.9's interpreter multiplies the raw uint16 bits of bf16 `tl.dot` operands (numpy has no bf16).
+_WIDEN_16BIT_DOTS: tl.constexpr = tl.constexpr(INTERPRETED)
 
 
 def _block_k(mp: int) -> int:
-    """K-chunk width: 64, narrowed for large n so the [BLOCK_K, MP] phi tile stays within shared memory."""
-    return max(_MIN_DOT, min(64, 4096 // mp))
+    """K-chunk width: 64, narrowed for n >= 6 to keep the [BLOCK_K, MP] phi tile at 2048 elements: wider, the
+    backward (phi and its gradient split into 16-bit pairs) needs ~254 registers at n = 6 and fp32 spills."""
+    return max(_MIN_DOT, min(64, 2048 // mp))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SM_COUNT
+
+
+def _k_split(num_tokens: int, K: int, block_k: int, sm_count: int) -> tuple[int, int]:
+    """(number of splits, K columns per split, a multiple of block_k) for `num_tokens` rows of width K.
+
+    One split while the token blocks alone fill the GPU; otherwise enough splits to give every SM a program, each
+    walking at least `_MIN_BLOCKS_PER_SPLIT` K blocks.
+    """
+    token_blocks = max(1, triton.cdiv(num_tokens, _BLOCK_T))
+    k_blocks = triton.cdiv(K, block_k)
+    splits = max(1, min(sm_count // token_blocks, k_blocks // _MIN_BLOCKS_PER_SPLIT))
+    per_split = triton.cdiv(k_blocks, splits) * block_k
+    return triton.cdiv(K, per_split), per_split
+
+
+@triton.jit
+def _split16(v, dtype: tl.constexpr):
+    """fp32 `v` as `hi + lo`, both in the 16-bit `dtype` (bf16: relative error <= 2^-18).
+
+    Rounding to nearest is explicit: the interpreter otherwise truncates, which would quadruple the error."""
+    hi = v.to(dtype, fp_downcast_rounding="rtne")
+    return hi, (v - hi.to(tl.float32)).to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _dot16(a, b, acc):
+    """`acc + a @ b` for 16-bit `a`, `b` with fp32 accumulation; widened exactly to fp32 under the interpreter."""
+    if _WIDEN_16BIT_DOTS:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot(
+    a, b, acc, DTYPE: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
+    """`acc + a @ b` on tensor cores, as precise as fp32 for the 16-bit model dtypes.
+
+    fp32 `DTYPE`: one dot at `DOT_PRECISION` ("ieee", or "tf32" when torch's matmul precision allows it). 16-bit
+    `DTYPE`: fp32 operands are split into 16-bit `hi + lo` pairs and `hi·hi + lo·hi + hi·lo` is accumulated in fp32
+    (products of 16-bit values are exact in fp32); an operand that is exact in `DTYPE` (`A_EXACT`/`B_EXACT`: the
+    streams) is not split, which leaves two dots. These matmuls are thin (n² + 2n wide) next to the bytes read, so
+    the extra dots cost no time, while casting the fp32 weights to bf16 would be ~100x less precise than torch.
+    """
+    if DTYPE == tl.float32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    elif A_EXACT:
+        b_hi, b_lo = _split16(b.to(tl.float32), DTYPE)
+        acc = _dot16(a.to(DTYPE), b_hi, acc)
+        acc = _dot16(a.to(DTYPE), b_lo, acc)
+    elif B_EXACT:
+        a_hi, a_lo = _split16(a.to(tl.float32), DTYPE)
+        acc = _dot16(a_hi, b.to(DTYPE), acc)
+        acc = _dot16(a_lo, b.to(DTYPE), acc)
+    else:
+        a_hi, a_lo = _split16(a.to(tl.float32), DTYPE)
+        b_hi, b_lo = _split16(b.to(tl.float32), DTYPE)
+        acc = _dot16(a_hi, b_hi, acc)
+        acc = _dot16(a_lo, b_hi, acc)
+        acc = _dot16(a_hi, b_lo, acc)
+    return acc
 
 
 @triton.jit
@@ -53,41 +136,13 @@ def _gates_and_bias(alpha_ptr, bias_ptr, m, N: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def _coefficients_fwd_kernel(
-    x_ptr,
-    phi_ptr,
-    alpha_ptr,
-    bias_ptr,
-    pre_ptr,
-    post_ptr,
-    res_ptr,
-    proj_ptr,
-    inv_rms_ptr,
-    num_tokens,
-    K,
-    eps,
-    N: tl.constexpr,
-    M: tl.constexpr,
-    MP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _finish(
+    acc, ssq, t, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, proj_ptr, inv_rms_ptr, num_tokens, K, eps,
+    N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+):  # fmt: skip
+    """From `x φᵀ` and `Σ x²` of a token block: the RMS division, gates, biases and sigmoids, and their stores."""
     m = tl.arange(0, MP)
     t_ok = t < num_tokens
-    acc = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
-    ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    # One sweep over x: the projection and the sum of squares share every load (§5.1).
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        xb = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        xb = xb.to(tl.float32)
-        # phi is [M, K] row-major; read it as its transpose [BLOCK_K, MP].
-        pb = tl.load(phi_ptr + m[None, :] * K + k[:, None], mask=k_ok[:, None] & (m[None, :] < M), other=0.0)
-        # "ieee": the reference is a true fp32 matmul, TF32 would lose ~3 decimal digits.
-        acc = tl.dot(xb, pb.to(tl.float32), acc, input_precision="ieee")
-        ssq += tl.sum(xb * xb, axis=1)
     inv_rms = 1.0 / tl.sqrt(ssq / K + eps)
     proj = acc * inv_rms[:, None]  # RMSNorm applied after the matmul
     gate, bias = _gates_and_bias(alpha_ptr, bias_ptr, m, N, M)
@@ -101,6 +156,81 @@ def _coefficients_fwd_kernel(
     # Saved for backward: N·(n²+2n+1) floats, tiny next to x (N·nC).
     tl.store(proj_ptr + t2 * M + m2, proj, mask=t_ok[:, None] & (m2 < M))
     tl.store(inv_rms_ptr + t, inv_rms, mask=t_ok)
+
+
+@triton.jit
+def _coefficients_fwd_kernel(
+    x_ptr,
+    phi_ptr,
+    alpha_ptr,
+    bias_ptr,
+    pre_ptr,
+    post_ptr,
+    res_ptr,
+    proj_ptr,
+    inv_rms_ptr,
+    part_acc_ptr,
+    part_ssq_ptr,
+    num_tokens,
+    K,
+    k_per_split,
+    eps,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    MP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(1)
+    m = tl.arange(0, MP)
+    t_ok = t < num_tokens
+    k_end = tl.minimum(K, (split + 1) * k_per_split)
+    acc = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    # One sweep over x: the projection and the sum of squares share every load (§5.1).
+    for k0 in range(split * k_per_split, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_end
+        xb = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        # phi is [M, K] row-major; read it as its transpose [BLOCK_K, MP].
+        pb = tl.load(phi_ptr + m[None, :] * K + k[:, None], mask=k_ok[:, None] & (m[None, :] < M), other=0.0)
+        acc = _dot(xb, pb, acc, x_ptr.dtype.element_ty, True, False, DOT_PRECISION)
+        xf = xb.to(tl.float32)  # the RMS in fp32 from the input, whatever the dot's operands
+        ssq += tl.sum(xf * xf, axis=1)
+    if SPLIT:
+        # Partial sums, reduced in a fixed order by `_coefficients_fwd_reduce_kernel`: deterministic, no atomics.
+        rows = split * num_tokens + t
+        tl.store(part_acc_ptr + rows[:, None] * MP + m[None, :], acc, mask=t_ok[:, None])
+        tl.store(part_ssq_ptr + rows, ssq, mask=t_ok)
+    else:
+        _finish(
+            acc, ssq, t, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, proj_ptr, inv_rms_ptr, num_tokens, K, eps,
+            N, M, MP,
+        )  # fmt: skip
+
+
+@triton.jit
+def _coefficients_fwd_reduce_kernel(
+    part_acc_ptr, part_ssq_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, proj_ptr, inv_rms_ptr,
+    num_tokens, num_splits, K, eps,
+    N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m = tl.arange(0, MP)
+    t_ok = t < num_tokens
+    acc = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for split in range(num_splits):
+        rows = split * num_tokens + t
+        acc += tl.load(part_acc_ptr + rows[:, None] * MP + m[None, :], mask=t_ok[:, None], other=0.0)
+        ssq += tl.load(part_ssq_ptr + rows, mask=t_ok, other=0.0)
+    _finish(
+        acc, ssq, t, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, proj_ptr, inv_rms_ptr, num_tokens, K, eps,
+        N, M, MP,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -120,19 +250,23 @@ def _coefficients_bwd_x_kernel(
     part_gate_ptr,
     num_tokens,
     K,
+    k_per_split,
     N: tl.constexpr,
     M: tl.constexpr,
     MP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     m = tl.arange(0, MP)
     t_ok = t < num_tokens
     t2 = t[:, None]
     m2 = m[None, :]
     row_ok = t_ok[:, None] & (m2 < M)
+    # The per-token part (no K dependence) is recomputed by every split: n² + 2n values per token.
     proj = tl.load(proj_ptr + t2 * M + m2, mask=row_ok, other=0.0)
     inv_rms = tl.load(inv_rms_ptr + t, mask=t_ok, other=0.0)
     gate, bias = _gates_and_bias(alpha_ptr, bias_ptr, m, N, M)
@@ -147,21 +281,26 @@ def _coefficients_bwd_x_kernel(
     # Gradient w.r.t. the fused logits: sigmoid' for pre, 2·sigmoid' for post, identity for res.
     dlogits = tl.where(is_pre, g_pre * dsig, tl.where(is_post, 2.0 * g_post * dsig, g_res))
     dlogits = tl.where(row_ok, dlogits, 0.0)
-    # Per-block partial sums (reduced on the host): deterministic, no atomics.
-    tl.store(part_bias_ptr + pid * MP + m, tl.sum(dlogits, axis=0))
-    tl.store(part_gate_ptr + pid * MP + m, tl.sum(dlogits * proj, axis=0))
     dproj = dlogits * gate[None, :]
     # d/dx of the norm: r = (Σx²/K + eps)^-1/2 contributes -(r²/K)(Σ_m dproj·proj) x.
     coef = -tl.sum(dproj * proj, axis=1) * inv_rms * inv_rms / K
     dacc = dproj * inv_rms[:, None]
-    tl.store(grad_acc_ptr + t2 * MP + m2, dacc, mask=t_ok[:, None])
-    for k0 in range(0, K, BLOCK_K):
+    if split == 0:
+        # Per-block partial sums (reduced on the host): deterministic, no atomics.
+        tl.store(part_bias_ptr + pid * MP + m, tl.sum(dlogits, axis=0))
+        tl.store(part_gate_ptr + pid * MP + m, tl.sum(dlogits * proj, axis=0))
+        tl.store(grad_acc_ptr + t2 * MP + m2, dacc, mask=t_ok[:, None])
+    k_end = tl.minimum(K, (split + 1) * k_per_split)
+    for k0 in range(split * k_per_split, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
+        k_ok = k < k_end
         x_mask = t_ok[:, None] & k_ok[None, :]
         xb = tl.load(x_ptr + t2 * K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
         pb = tl.load(phi_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & k_ok[None, :], other=0.0)
-        dx = tl.dot(dacc, pb.to(tl.float32), input_precision="ieee") + coef[:, None] * xb
+        if MP > 128:  # n >= 11: 16-bit pairs of a [BLOCK_T, >= 256] dacc spill kilobytes, fp32 dots do not
+            dx = _dot(dacc, pb, coef[:, None] * xb, tl.float32, False, False, DOT_PRECISION)
+        else:
+            dx = _dot(dacc, pb, coef[:, None] * xb, x_ptr.dtype.element_ty, False, False, DOT_PRECISION)
         tl.store(grad_x_ptr + t2 * K + k[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=x_mask)
 
 
@@ -176,6 +315,7 @@ def _coefficients_bwd_phi_kernel(
     MP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # dφ[:, k-block] = Σ_t dacc[t]ᵀ x[t, k-block]: each program owns a column block, so no atomics.
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -187,7 +327,7 @@ def _coefficients_bwd_phi_kernel(
         t_ok = t < num_tokens
         da_t = tl.load(grad_acc_ptr + t[None, :] * MP + m[:, None], mask=t_ok[None, :], other=0.0)
         xb = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(da_t, xb.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(da_t, xb, acc, x_ptr.dtype.element_ty, False, True, DOT_PRECISION)
     tl.store(
         grad_phi_ptr + m[:, None] * K + k[None, :],
         acc.to(grad_phi_ptr.dtype.element_ty),
@@ -200,6 +340,47 @@ def _num_streams(width: int) -> int:
     if n < 1 or n * n + 2 * n != width:
         raise ValueError(f"a fused hyper-connection projection has n*n + 2n rows, got {width}")
     return n
+
+
+def _meta(n: int, x_dtype: torch.dtype) -> dict:
+    """The constexprs of every coefficient kernel for `n` streams of `x_dtype` (the fp32 dot precision follows
+    `torch.get_float32_matmul_precision()` at launch, like torch's own matmuls)."""
+    width = n * n + 2 * n
+    mp = max(_MIN_DOT, triton.next_power_of_2(width))
+    return dict(
+        N=n, M=width, MP=mp, BLOCK_T=_BLOCK_T, BLOCK_K=_block_k(mp), DOT_PRECISION=dot_precision(x_dtype)
+    )
+
+
+def _launch_options(meta: dict) -> dict:
+    """8 warps from n = 8 (n² + 2n padded to >= 128): at 4, the 16-bit backward needs 255 registers and spills."""
+    return {"num_warps": 8 if meta["MP"] >= 128 else 4}
+
+
+def _reduce_meta(meta: dict) -> dict:
+    return {key: meta[key] for key in ("N", "M", "MP", "BLOCK_T")}
+
+
+def _phi_meta(meta: dict) -> dict:
+    return {key: meta[key] for key in ("M", "MP", "BLOCK_T", "BLOCK_K", "DOT_PRECISION")}
+
+
+def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
+    """`(kernel, constexprs, launch options)` of every variant the launchers compile for `n` streams of `dtype`
+    (fp32 at both dot precisions), for offline compiles (`benchmarks/ptxas_spills.py`, the tests)."""
+    precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+    jobs = []
+    for precision in precisions:
+        meta = dict(_meta(n, dtype), DOT_PRECISION=precision)
+        options = _launch_options(meta)
+        jobs += [
+            (_coefficients_fwd_kernel, dict(meta, SPLIT=False), options),
+            (_coefficients_fwd_kernel, dict(meta, SPLIT=True), options),
+            (_coefficients_bwd_x_kernel, meta, options),
+            (_coefficients_bwd_phi_kernel, _phi_meta(meta), options),
+        ]
+    meta = _meta(n, dtype)
+    return jobs + [(_coefficients_fwd_reduce_kernel, _reduce_meta(meta), _launch_options(meta))]
 
 
 class MHCCoefficientsTritonFunction(torch.autograd.Function):
@@ -221,29 +402,44 @@ class MHCCoefficientsTritonFunction(torch.autograd.Function):
         res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
         proj = torch.empty(T, width, device=dev, dtype=torch.float32)
         inv_rms = torch.empty(T, device=dev, dtype=torch.float32)
-        mp = max(_MIN_DOT, triton.next_power_of_2(width))
+        meta = _meta(n, x2.dtype)
+        splits, per_split = _k_split(T, K, meta["BLOCK_K"], _sm_count(dev))
         if T > 0:
+            token_blocks = triton.cdiv(T, _BLOCK_T)
+            # [splits, T, MP] partial projections and [splits, T] partial sums of squares; with one split the
+            # kernel writes none, and gets proj and inv_rms as placeholders (a real allocation, not an empty one).
+            if splits > 1:
+                part_acc = torch.empty(splits, T, meta["MP"], device=dev, dtype=torch.float32)
+                part_ssq = torch.empty(splits, T, device=dev, dtype=torch.float32)
+            else:
+                part_acc, part_ssq = proj, inv_rms
+            outputs = (pre, post, res, proj, inv_rms)
             with device_guard(x2):
-                _coefficients_fwd_kernel[(triton.cdiv(T, _BLOCK_T),)](
-                    x2, phi_c, alpha_c, bias_c, pre, post, res, proj, inv_rms, T, K, float(eps),
-                    N=n, M=width, MP=mp, BLOCK_T=_BLOCK_T, BLOCK_K=_block_k(mp),
+                _coefficients_fwd_kernel[(token_blocks, splits)](
+                    x2, phi_c, alpha_c, bias_c, *outputs, part_acc, part_ssq, T, K, per_split, float(eps),
+                    SPLIT=splits > 1, **meta, **_launch_options(meta),
                 )  # fmt: skip
+                if splits > 1:
+                    _coefficients_fwd_reduce_kernel[(token_blocks,)](
+                        part_acc, part_ssq, alpha_c, bias_c, *outputs, T, splits, K, float(eps),
+                        **_reduce_meta(meta), **_launch_options(meta),
+                    )  # fmt: skip
         ctx.save_for_backward(x2, phi_c, alpha_c, bias_c, proj, inv_rms)
         ctx.lead = lead
         ctx.x_shape = x.shape
+        ctx.meta = meta
         return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, grad_pre, grad_post, grad_res):
         x2, phi, alpha, bias, proj, inv_rms = ctx.saved_tensors
-        width, K = phi.shape
-        n = _num_streams(width)
-        T = x2.shape[0]
+        meta = ctx.meta
+        n, width, mp, block_k = meta["N"], meta["M"], meta["MP"], meta["BLOCK_K"]
+        T, K = x2.shape
         dev = x2.device
-        mp = max(_MIN_DOT, triton.next_power_of_2(width))
-        block_k = _block_k(mp)
         blocks = triton.cdiv(T, _BLOCK_T)
+        splits, per_split = _k_split(T, K, block_k, _sm_count(dev))
         grad_x = torch.empty_like(x2)
         grad_acc = torch.empty(T, mp, device=dev, dtype=torch.float32)
         part_bias = torch.zeros(blocks, mp, device=dev, dtype=torch.float32)
@@ -253,16 +449,16 @@ class MHCCoefficientsTritonFunction(torch.autograd.Function):
         grad_phi = torch.zeros_like(phi) if want_phi and T == 0 else None
         if T > 0:
             with device_guard(x2):
-                _coefficients_bwd_x_kernel[(blocks,)](
+                # dx is elementwise in K given the per-token terms, so the splits need no reduction.
+                _coefficients_bwd_x_kernel[(blocks, splits)](
                     x2, phi, alpha, bias, proj, inv_rms,
                     grad_pre.float().contiguous(), grad_post.float().contiguous(), grad_res.float().contiguous(),
-                    grad_x, grad_acc, part_bias, part_gate, T, K,
-                    N=n, M=width, MP=mp, BLOCK_T=_BLOCK_T, BLOCK_K=block_k,
+                    grad_x, grad_acc, part_bias, part_gate, T, K, per_split, **meta, **_launch_options(meta),
                 )  # fmt: skip
                 if want_phi:
                     grad_phi = torch.empty_like(phi)
                     _coefficients_bwd_phi_kernel[(triton.cdiv(K, block_k),)](
-                        x2, grad_acc, grad_phi, T, K, M=width, MP=mp, BLOCK_T=_BLOCK_T, BLOCK_K=block_k
+                        x2, grad_acc, grad_phi, T, K, **_phi_meta(meta), **_launch_options(meta)
                     )
         dgate = part_gate.sum(0)
         grad_alpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n : width].sum()])
@@ -305,4 +501,4 @@ def mhc_coefficients_triton(
     return MHCCoefficientsTritonFunction.apply(x, phi, alpha.reshape(3), static_bias, float(eps))
 
 
-__all__ = ["MHCCoefficientsTritonFunction", "mhc_coefficients_triton"]
+__all__ = ["MHCCoefficientsTritonFunction", "compile_jobs", "mhc_coefficients_triton"]

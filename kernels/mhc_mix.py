@@ -244,6 +244,22 @@ def _res_post_mix_bwd_kernel(
     tl.store(grad_f_ptr + t[:, None] * C + c[None, :], grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
 
 
+def compile_jobs(n: int, dtype: torch.dtype, num_tokens: int = 10**6, hidden: int = 4096) -> list[tuple]:
+    """`(kernel, constexprs, launch options)` the launchers use for `n` streams of `hidden` units (`dtype` is the
+    streams' pointer type, which the caller sets)."""
+    np2 = triton.next_power_of_2(n)
+    bt1, bc1 = _blocks(num_tokens, hidden, 1)
+    btn, bcn = _blocks(num_tokens, hidden, np2)
+    pre = dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1)
+    res_post = dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn)
+    return [
+        (_pre_mix_fwd_kernel, pre, {}),
+        (_pre_mix_bwd_kernel, pre, {}),
+        (_res_post_mix_fwd_kernel, res_post, {}),
+        (_res_post_mix_bwd_kernel, res_post, {}),
+    ]
+
+
 class HCResPostMixTritonFunction(torch.autograd.Function):
     """`h_res · x + h_postᵀ · f` on flattened tokens: `[T, n, n]`, `[T, n, C]`, `[T, n]`, `[T, C]` -> `[T, n, C]`."""
 
@@ -317,6 +333,7 @@ def hc_res_post_mix_triton(
 __all__ = [
     "HCPreMixTritonFunction",
     "HCResPostMixTritonFunction",
+    "compile_jobs",
     "hc_pre_mix_triton",
     "hc_res_post_mix_triton",
 ]

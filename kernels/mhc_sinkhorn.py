@@ -77,7 +77,7 @@ def _tile(num_matrices, N: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr
 @triton.jit
 def _sinkhorn_fwd_kernel(
     logits_ptr,
-    out_ptr,
+    result_ptr,
     num_matrices,
     num_iterations,
     N: tl.constexpr,
@@ -87,13 +87,13 @@ def _sinkhorn_fwd_kernel(
     offsets, mask = _tile(num_matrices, N, NP, BLOCK_B)
     logits = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     z = _log_iterate(logits, mask, 2 * num_iterations)
-    tl.store(out_ptr + offsets, tl.exp(z), mask=mask)
+    tl.store(result_ptr + offsets, tl.exp(z), mask=mask)
 
 
 @triton.jit
 def _sinkhorn_bwd_kernel(
     logits_ptr,
-    grad_out_ptr,
+    grad_result_ptr,
     grad_in_ptr,
     num_matrices,
     num_iterations,
@@ -104,7 +104,7 @@ def _sinkhorn_bwd_kernel(
 ):
     offsets, mask = _tile(num_matrices, N, NP, BLOCK_B)
     logits = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_result_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     num_half_steps = 2 * num_iterations
     if num_half_steps == 0:
         g = tl.where(mask, g * tl.exp(logits), 0.0)
@@ -140,6 +140,13 @@ def _launch_config(num_matrices: int, n: int) -> tuple[int, int, tuple[int]]:
     np2 = triton.next_power_of_2(n)
     block_b = max(1, min(_TILE_ELEMENTS // (np2 * np2), triton.next_power_of_2(num_matrices)))
     return np2, block_b, (triton.cdiv(num_matrices, block_b),)
+
+
+def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
+    """`(kernel, constexprs, launch options)` the launchers use for many `n × n` matrices (fp32 whatever `dtype`)."""
+    np2, block_b, _ = _launch_config(10**6, n)
+    meta = dict(N=n, NP=np2, BLOCK_B=block_b)
+    return [(_sinkhorn_fwd_kernel, meta, {}), (_sinkhorn_bwd_kernel, meta, {})]
 
 
 class SinkhornKnoppTritonFunction(torch.autograd.Function):
@@ -202,4 +209,4 @@ def sinkhorn_knopp_triton(logits: torch.Tensor, num_iterations: int = 20) -> tor
     return SinkhornKnoppTritonFunction.apply(logits, int(num_iterations))
 
 
-__all__ = ["SinkhornKnoppTritonFunction", "sinkhorn_knopp_triton"]
+__all__ = ["SinkhornKnoppTritonFunction", "compile_jobs", "sinkhorn_knopp_triton"]

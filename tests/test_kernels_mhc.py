@@ -11,6 +11,7 @@ outputs may differ from torch by one bf16 ulp; their tolerance allows that.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
 from conftest import KERNEL_DEVICE  # noqa: E402
 
+from transformers_mhc.kernels import mhc_coefficients as coefficients_module  # noqa: E402
 from transformers_mhc.kernels import mhc_sinkhorn as sinkhorn_module  # noqa: E402
 from transformers_mhc.kernels.mhc import (  # noqa: E402
     hc_pre_mix_triton,
@@ -56,12 +59,31 @@ def _tol(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
 
 
+# The coefficient kernel on 16-bit streams: its tensor-core matmuls take the fp32 weights and gradients as two
+# 16-bit terms (`mhc_coefficients._dot`), ~2^-17 relative per term instead of fp32's 2^-24 (2^-15 under the
+# interpreter, which truncates the split), so its fp32 outputs and gradients get this tolerance. A plain bf16 cast
+# of the weights (2^-9 per term) fails it.
+SPLIT16_TOL = {"rtol": 2e-4, "atol": 2e-4}
+
+
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _compare(kernel, reference, inputs: list[torch.Tensor], grad_dtype: torch.dtype, **kwargs) -> None:
-    """Forward outputs and `autograd.grad` w.r.t. every input of `kernel` and `reference` must agree."""
+def _compare(
+    kernel,
+    reference,
+    inputs: list[torch.Tensor],
+    grad_dtype: torch.dtype,
+    fp32_tol: dict | None = None,
+    **kwargs,
+) -> None:
+    """Forward outputs and `autograd.grad` w.r.t. every input of `kernel` and `reference` must agree (fp32 values
+    within `fp32_tol` when given, else `_tol`)."""
+
+    def tol(dtype):
+        return fp32_tol if fp32_tol is not None and dtype == torch.float32 else _tol(dtype)
+
     out_k = kernel(*inputs, **kwargs)
     out_r = reference(*inputs, **kwargs)
     out_k = out_k if isinstance(out_k, tuple) else (out_k,)
@@ -69,13 +91,13 @@ def _compare(kernel, reference, inputs: list[torch.Tensor], grad_dtype: torch.dt
     assert len(out_k) == len(out_r)
     for a, b in zip(out_k, out_r):
         assert a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, **_tol(b.dtype))
+        torch.testing.assert_close(a, b, **tol(b.dtype))
     cotangents = [torch.randn_like(o) for o in out_r]
     grads_k = torch.autograd.grad(out_k, inputs, cotangents)
     grads_r = torch.autograd.grad(out_r, inputs, cotangents)
     for x, a, b in zip(inputs, grads_k, grads_r):
         assert a.shape == x.shape and a.dtype == b.dtype == x.dtype
-        torch.testing.assert_close(a, b, **_tol(grad_dtype if x.dtype == grad_dtype else torch.float32))
+        torch.testing.assert_close(a, b, **tol(grad_dtype if x.dtype == grad_dtype else torch.float32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,12 +182,84 @@ def _coefficient_inputs(n: int, C: int, tokens: tuple[int, ...], dtype: torch.dt
     return [x, phi, alpha, bias]
 
 
+def _coefficient_tol(dtype: torch.dtype) -> dict | None:
+    return None if dtype == torch.float32 else SPLIT16_TOL
+
+
 @pytest.mark.parametrize("n", STREAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_coefficients_match_reference(n, dtype):
+    # Under torch's default matmul precision ("highest") fp32 stays exact: fp32 tolerance.
+    assert torch.get_float32_matmul_precision() == "highest"
     tokens = (7,) if dtype == torch.float32 else (2, 5)
     inputs = _coefficient_inputs(n, 33, tokens, dtype)
-    _compare(mhc_coefficients_triton, mhc_coefficients, inputs, dtype, eps=1e-6)
+    _compare(mhc_coefficients_triton, mhc_coefficients, inputs, dtype, _coefficient_tol(dtype), eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "C", "tokens"), [(4, 130, (1,)), (6, 100, (3,)), (2, 300, (1, 1))])
+def test_coefficients_split_k_at_decode(n, C, tokens, dtype):
+    # Decode shapes: one token block, nC spans >= 8 K blocks, so the reduction is split across programs (forward:
+    # partial sums + reduce kernel; backward: dx by K range) and must still match the reference.
+    inputs = _coefficient_inputs(n, C, tokens, dtype)
+    mp = max(16, triton.next_power_of_2(n * n + 2 * n))
+    splits, per_split = coefficients_module._k_split(1, n * C, coefficients_module._block_k(mp), 132)
+    assert splits >= 2 and per_split * (splits - 1) < n * C <= per_split * splits
+    _compare(mhc_coefficients_triton, mhc_coefficients, inputs, dtype, _coefficient_tol(dtype), eps=1e-6)
+
+
+def test_coefficients_split_k_uneven_splits(monkeypatch):
+    # One K block per split: 9 splits over nC = 520 (the last one 8 columns wide), at T = 1 and T = 17 (two token
+    # blocks, the second with one row).
+    monkeypatch.setattr(coefficients_module, "_MIN_BLOCKS_PER_SPLIT", 1)
+    assert coefficients_module._k_split(17, 520, 64, 132) == (9, 64)
+    for tokens in [(1,), (17,)]:
+        inputs = _coefficient_inputs(4, 130, tokens, torch.float32)
+        _compare(mhc_coefficients_triton, mhc_coefficients, inputs, torch.float32, eps=1e-6)
+
+
+def test_coefficients_split_choice():
+    # No split once the token blocks fill the SMs, or when nC is too short to give each split 4 K blocks.
+    assert coefficients_module._k_split(132 * 16, 16384, 64, 132) == (1, 16384)
+    assert coefficients_module._k_split(1, 200, 64, 132) == (1, 256)
+    # Decode at n = 4, C = 4096: 64 splits of 4 blocks each. 3 token blocks: 132 // 3 = 44 splits wanted, whole
+    # blocks per split (6) make it 43.
+    assert coefficients_module._k_split(1, 16384, 64, 132) == (64, 256)
+    assert coefficients_module._k_split(40, 16384, 64, 132) == (43, 384)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_coefficients_dot_precision_follows_torch(monkeypatch, setting, expected):
+    """fp32 streams use TF32 only when torch's matmul precision allows it (the compile test checks what each
+    precision compiles to)."""
+    launched = []
+    real_kernels = {
+        name: getattr(coefficients_module, name)
+        for name in ("_coefficients_fwd_kernel", "_coefficients_bwd_x_kernel", "_coefficients_bwd_phi_kernel")
+    }
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.name, kwargs["DOT_PRECISION"]))
+                return real_kernels[self.name][grid](*args, **kwargs)
+
+            return launch
+
+    for name in real_kernels:
+        monkeypatch.setattr(coefficients_module, name, Spy(name))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        inputs = _coefficient_inputs(2, 8, (3,), torch.float32)
+        outputs = mhc_coefficients_triton(*inputs, 1e-6)
+        torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert launched == [(name, expected) for name in real_kernels]
 
 
 @pytest.mark.parametrize("tokens", [(1,), (40,)])
@@ -327,89 +421,107 @@ def test_chained_sublayer_matches_torch_path():
 # Compilation for a real GPU
 # --------------------------------------------------------------------------------------------------
 # The interpreter runs kernel bodies as Python and misses what only the compiler checks (a name bound in both
-# branches of an `if` with different shapes, tl.dot shape rules, ...). Triton compiles for a CUDA target
-# without a GPU, so every kernel is compiled here for sm_90, in a subprocess without TRITON_INTERPRET.
+# branches of an `if` with different shapes, tl.dot shape rules, register pressure, which instructions a dot
+# becomes). Triton compiles for a CUDA target without a GPU, so every variant the launchers use
+# (`kernels.mhc.compile_jobs`) is compiled here for sm_90 in a subprocess without TRITON_INTERPRET, and its PTX
+# assembled by the ptxas Triton ships (`benchmarks/ptxas_spills.py`'s helpers) for its registers and spills.
 _COMPILE_SCRIPT = """
 import importlib
+import json
+import re
 import sys
 import types
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+kernel_dir, benchmarks_dir, dtypes, streams = sys.argv[1:5]
 # The kernel files import only torch, triton and each other: load them as a bare package, skipping
 # `transformers_mhc`'s heavy imports (transformers, ...).
 package = types.ModuleType("_mhc_kernels")
-package.__path__ = [sys.argv[1]]
+package.__path__ = [kernel_dir]
 sys.modules["_mhc_kernels"] = package
+mhc = importlib.import_module("_mhc_kernels.mhc")
+sys.path.insert(0, benchmarks_dir)
+import ptxas_spills
 
-
-def load(name):
-    return importlib.import_module("_mhc_kernels." + name)
-
-
-co, mx, sk = load("mhc_coefficients"), load("mhc_mix"), load("mhc_sinkhorn")
-x_ty = sys.argv[2]
-for n in map(int, sys.argv[3:]):
-    np2 = triton.next_power_of_2(n)
-    width = n * n + 2 * n
-    mp = max(16, triton.next_power_of_2(width))
-    _, block_b, _ = sk._launch_config(10**6, n)
-    bt1, bc1 = mx._blocks(10**6, 4096, 1)
-    btn, bcn = mx._blocks(10**6, 4096, np2)
-    # x-like pointers (streams, sub-layer output and their gradients) take the model dtype; the rest is fp32.
-    x_like = {"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"}
-    kernels = [
-        (sk._sinkhorn_fwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), set()),
-        (sk._sinkhorn_bwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), set()),
-        (co._coefficients_fwd_kernel, dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {"x_ptr"}),
-        (co._coefficients_bwd_x_kernel, dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)),
-         {"x_ptr", "grad_x_ptr"}),
-        (co._coefficients_bwd_phi_kernel, dict(M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {"x_ptr"}),
-        (mx._pre_mix_fwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), x_like),
-        (mx._pre_mix_bwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), x_like),
-        (mx._res_post_mix_fwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), x_like),
-        (mx._res_post_mix_bwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), x_like),
-    ]
-    for fn, constexprs, typed in kernels:
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + (x_ty if name in typed else "fp32")
-            else:
-                signature[name] = "fp32" if name == "eps" else "i32"
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        print("compiled", fn.__name__, n, x_ty)
+rows = []
+for dtype in dtypes.split(","):
+    for n in map(int, streams.split(",")):
+        for fn, constexprs, options in mhc.compile_jobs(n, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]):
+            signature = ptxas_spills._signature(fn, constexprs, mhc.STREAM_POINTERS, dtype)
+            source = ASTSource(fn, signature, constexprs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+            row = dict(kernel=fn.fn.__name__, dtype=dtype, n=n, precision=constexprs.get("DOT_PRECISION"))
+            row["mma"] = sorted(set(re.findall(r"\\S*mma\\S*", ptx)))
+            row.update(ptxas_spills._ptxas_report(ptx, 90))
+            print(json.dumps(row), flush=True)
 """
 
 
-def _compile_for_gpu(x_dtype: str, streams: list[int]) -> None:
+def _compile_for_gpu(dtypes: list[str], streams: list[int]) -> list[dict]:
     triton = pytest.importorskip("triton")
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this Triton build has no CUDA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kernel_dir = os.path.dirname(sinkhorn_module.__file__)
+    benchmarks_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, kernel_dir, x_dtype, *map(str, streams)],
+        [
+            sys.executable,
+            "-c",
+            _COMPILE_SCRIPT,
+            kernel_dir,
+            benchmarks_dir,
+            ",".join(dtypes),
+            ",".join(map(str, streams)),
+        ],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 9 * len(streams), proc.stdout
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    # 2 Sinkhorn + 4 mix + coefficient kernels: 4 per dot precision (fwd, fwd split, bwd x, bwd phi) + the reduce.
+    per_n = {"bf16": 2 + 4 + 5, "fp32": 2 + 4 + 9}
+    assert len(rows) == sum(per_n[d] for d in dtypes) * len(streams), proc.stdout[-4000:]
+    return rows
 
 
-def test_kernels_compile_for_gpu():
-    _compile_for_gpu("bf16", [6])
+def _check_compiled(rows: list[dict]) -> None:
+    """No spills; the coefficient matmuls on tensor cores (bf16 operands for bf16 streams, TF32 only when asked)."""
+    spilling = [row for row in rows if row["spill_store_bytes"] or row["spill_load_bytes"]]
+    assert not spilling, spilling
+    assert all(0 < row["registers"] <= 255 for row in rows), rows
+    for row in rows:
+        if row["kernel"] not in (
+            "_coefficients_fwd_kernel",
+            "_coefficients_bwd_x_kernel",
+            "_coefficients_bwd_phi_kernel",
+        ):
+            continue
+        n2 = row["n"] * row["n"] + 2 * row["n"]
+        if row["precision"] == "ieee" and row["dtype"] == "fp32":
+            assert row["mma"] == [], row  # exact fp32: no tensor cores
+        elif row["dtype"] == "bf16" and row["kernel"] == "_coefficients_bwd_x_kernel" and n2 > 128:
+            assert row["mma"] == [], row  # documented fallback to fp32 dots for n >= 11
+        else:
+            # The multiplies (fences and waits carry no types) take the expected operand type.
+            multiplies = [op for op in row["mma"] if ".f32" in op]
+            kind = ".tf32" if row["dtype"] == "fp32" else ".bf16"
+            assert multiplies and all(kind in op for op in multiplies), row
+
+
+def test_kernels_compile_for_gpu_without_spills():
+    _check_compiled(_compile_for_gpu(["bf16", "fp32"], [4]))
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu_all_stream_counts():
-    _compile_for_gpu("fp32", [1, 2, 4, 8, 16])
+    _check_compiled(_compile_for_gpu(["bf16", "fp32"], [1, 2, 6, 8, 16]))
 
 
 # --------------------------------------------------------------------------------------------------
