@@ -21,7 +21,8 @@ with `log_decay <= 0`, and compute
 
     S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T        o_t = scale * q_t^T S_t
 
-(the delta-rule variant: `S_t = (I - beta_t k_t k_t^T) diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T`).
+(the delta-rule variant: `S_t = (I - beta_t k_t k_t^T) diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T`, which has no
+Triton kernel: its ops always run here, and `kernel_backend="triton"` is refused with a `ValueError`).
 They return `(o, final_state)`: `o` is `[B, H, T, Dv]` in `q.dtype`; the state `[B, H, Dk, Dv]` is kept in float32
 (float64 when the inputs are float64, so `gradcheck` can run on the chunked form).
 
@@ -100,6 +101,25 @@ def _use_decay_kernels(
     elif chunk_size is not None and (chunk_size < SUB_CHUNK or chunk_size & (chunk_size - 1)):
         unsupported = f"chunk_size {chunk_size} (the kernels need a power of two >= {SUB_CHUNK})"
     return use_triton_kernels("decay", kernel_backend, tensors, can_launch_on, unsupported)
+
+
+# Why the delta-rule ops never take the Triton path (the dispatch's "unsupported" reason, naming the config field).
+_NO_DELTA_RULE_KERNEL = (
+    "`use_delta_rule=True` has no Triton kernel (the delta rule runs the pure-PyTorch path)"
+)
+
+
+def _check_delta_rule_backend(
+    kernel_backend: str, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor
+) -> None:
+    """The dispatch decision of the delta-rule ops, which have no kernel: through `mhc_ops.use_triton_kernels` like
+    every op, with the missing kernel as the unsupported input. So `"torch"` is silent, `"auto"` takes the torch path
+    and logs why once, `"triton"` raises `ValueError` naming `kernel_backend` and `use_delta_rule`, and an unknown
+    backend raises as everywhere."""
+    # Called for its checks, errors and log only: with a reason given it never answers True.
+    use_triton_kernels(
+        "delta-rule", kernel_backend, (q, k, v, log_decay), can_launch_on, _NO_DELTA_RULE_KERNEL
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -413,6 +433,7 @@ def chunk_delta_rule_decay(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    kernel_backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked delta rule with scalar or vector decay (the DPLR extension of the decay paper).
 
@@ -426,7 +447,11 @@ def chunk_delta_rule_decay(
         q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size: as in [`chunk_decay_linear_attn`]
             (the model passes L2-normalised `k`).
         beta (`torch.Tensor` of shape `[B, H, T]`): the delta-rule step size, in `(0, 2)` for a contraction.
+        kernel_backend (`str`, *optional*, defaults to `"auto"`): the delta rule has no Triton kernel, so this is
+            always the pure-PyTorch path: `"torch"` silently, `"auto"` logging the fallback once, and `"triton"` raises
+            `ValueError` (as for any input the kernels cannot take).
     """
+    _check_delta_rule_backend(kernel_backend, q, k, v, log_decay)
     vector = _check_inputs(q, k, v, log_decay)
     if beta.shape != q.shape[:3]:
         raise ValueError(f"beta must be [B, H, T] = {tuple(q.shape[:3])}, got {tuple(beta.shape)}.")
@@ -471,8 +496,11 @@ def recurrent_delta_rule_decay(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    kernel_backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """Token-by-token delta rule with decay, used for decoding. Arguments as in [`chunk_delta_rule_decay`]."""
+    """Token-by-token delta rule with decay, used for decoding. Arguments as in [`chunk_delta_rule_decay`] (so
+    `kernel_backend="triton"` raises: there is no kernel)."""
+    _check_delta_rule_backend(kernel_backend, q, k, v, log_decay)
     vector = _check_inputs(q, k, v, log_decay)
     dtype = _compute_dtype(q.dtype)
     state = _initial_state(initial_state, q, v, dtype)
