@@ -13,14 +13,15 @@
 # limitations under the License.
 """Registers and spills of every Triton kernel compiled offline for a GPU (default sm_90, the H100), no GPU needed.
 
-    python benchmarks/ptxas_spills.py /tmp/ptxas.json                          # K = V in {64, 128, 256}, bf16 + fp32
+    python benchmarks/ptxas_spills.py /tmp/ptxas.json              # K = V in {64, 128, 256}, bf16, fp32, fp32 + TF32
     python benchmarks/ptxas_spills.py /tmp/ptxas.json --head-dims 64 --dtypes bf16
 
 Each kernel is compiled by Triton (`triton.compile` with a `GPUTarget`, the launch options the wrappers use) with
-the tile sizes the wrappers derive for that shape; its PTX is then assembled again by the `ptxas` that Triton
-ships, with `-v`, whose report gives the registers per thread and the bytes spilled to local memory. The decay
-kernels are compiled per key/value head dim, decay granularity and dtype; the mHC kernels per dtype for
-`--streams` streams. Takes a few seconds per kernel on a CPU (about 100 kernels with the defaults).
+the tile sizes the wrappers derive for that shape, and once per launch configuration its autotuner may pick there
+(`kernels/decay_autotune.py`); its PTX is then assembled again by the `ptxas` that Triton ships, with `-v`, whose
+report gives the registers per thread and the bytes spilled to local memory. The decay kernels are compiled per
+key/value head dim, decay granularity and dtype; the mHC kernels per dtype for `--streams` streams. Takes a second
+or a few per kernel on a CPU (a few hundred compiles with the defaults).
 """
 
 from __future__ import annotations
@@ -40,16 +41,25 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-TL_DTYPES = {"bf16": tl.bfloat16, "fp32": tl.float32}
+# Input dtypes and the pointer type they compile with: "tf32" is fp32 inputs with TF32 matrix products (the decay
+# chunk kernels under `torch.set_float32_matmul_precision("high")`; the mHC kernels have no such variant).
+TL_DTYPE_NAMES = {"bf16": "bf16", "fp32": "fp32", "tf32": "fp32"}
 # Pointers that carry the model dtype; every other pointer is fp32 (decay, states, coefficients, ...).
 DECAY_TYPED = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 MHC_TYPED = {"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"}
 PTXAS_INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def _jit_function(fn):
+    """The `triton.jit` function under a `triton.autotune` wrapper (or `fn` itself)."""
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    return fn
 
 
 def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, str]:
@@ -58,7 +68,7 @@ def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, s
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + (dtype if name in typed else "fp32")
+            signature[name] = "*" + (TL_DTYPE_NAMES[dtype] if name in typed else "fp32")
         elif name in ("scale", "eps"):
             signature[name] = "fp32"
         else:
@@ -68,41 +78,58 @@ def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, s
 
 def _decay_jobs(head_dim: int, vector: bool, dtype: str):
     """The decay kernels with the tiles and launch options `decay_chunk._geometry` gives K = V = head_dim and
-    chunks of 64."""
+    chunks of 64, the autotuned ones once per candidate their autotuner admits there."""
     import torch
 
     from transformers_mhc.kernels import decay_chunk as dc
     from transformers_mhc.kernels import decay_recurrent as dr
 
     K = V = head_dim
-    qk = torch.empty(1, 1, 64, K, device="meta", dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    qk = torch.empty(1, 1, 64, K, device="meta", dtype=torch_dtype)
     log_decay = torch.empty((1, 1, 64, K) if vector else (1, 1, 64), device="meta")
-    geo = dc._geometry(qk, qk.new_empty(1, 1, 64, V), log_decay, chunk_size=64)
+    # The wrappers read torch's float32 matmul setting when they launch: "tf32" compiles the TF32 variant.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    try:
+        geo = dc._geometry(qk, qk.new_empty(1, 1, 64, V), log_decay, chunk_size=64)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
-    def split(meta):  # (constexprs, launch options)
-        launch = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-        return meta, launch
-
-    matmul, launch = split(geo.meta())
-    dqk, dqk_launch = split(geo.dqk_meta())
+    matmul = geo.meta()
+    dqk = geo.dqk_meta()
+    dqk_launch = {key: dqk.pop(key) for key in ("num_warps", "num_stages")}
     rows = dict(BT=geo.BT, BR=geo.BR, VECTOR=vector)
     GK, GBK = geo.GK, geo.GBK
-    rec_bv = min(dr.MAX_BLOCK_V, triton.next_power_of_2(V))
+    recurrent = dict(K=K, V=V, GK=GK, BK=triton.next_power_of_2(K), GBK=GBK, HAS_H0=True, STORE_HT=True)
+
+    def chunk(kernel, constexprs):
+        return _autotuned(kernel, constexprs, dc.matmul_config_fits, torch_dtype)
+
     return [
         (dc._chunk_cumsum_kernel, dict(GK=GK, BT=geo.BT, GBK=GBK), {}),
-        (dc._chunk_state_fwd_kernel, dict(matmul, BT=geo.BT, HAS_H0=True, STORE_HT=True), launch),
-        (dc._chunk_output_fwd_kernel, dict(matmul, NK=geo.NK, **rows), launch),
-        (dc._chunk_state_bwd_kernel, dict(matmul, BT=geo.BT, HAS_DHT=True, STORE_DH0=True), launch),
-        (dc._chunk_dv_bwd_kernel, dict(matmul, NK=geo.NK, **rows), launch),
+        *chunk(dc._chunk_state_fwd_kernel, dict(matmul, BT=geo.BT, HAS_H0=True, STORE_HT=True)),
+        *chunk(dc._chunk_output_fwd_kernel, dict(matmul, NK=geo.NK, **rows)),
+        *chunk(dc._chunk_state_bwd_kernel, dict(matmul, BT=geo.BT, HAS_DHT=True, STORE_DH0=True)),
+        *chunk(dc._chunk_dv_bwd_kernel, dict(matmul, NK=geo.NK, **rows)),
         (dc._chunk_dqk_bwd_kernel, dict(dqk, **rows), dqk_launch),
         (dc._chunk_dlog_decay_bwd_kernel, dict(geo.meta(False), BT=geo.BT, NV=geo.NV, VECTOR=vector), {}),
+        *_autotuned(dr._fused_recurrent_fwd_kernel, recurrent, dr.recurrent_config_fits, torch_dtype),
+    ]
+
+
+def _autotuned(kernel, constexprs: dict, fits, dtype) -> list[tuple]:
+    """One job per config the autotuner of `kernel` may pick for these head dims and dtype."""
+    from transformers_mhc.kernels.decay_autotune import admitted_configs
+
+    configs = admitted_configs(kernel.configs, fits, constexprs["K"], constexprs["V"], dtype)
+    return [
         (
-            dr._fused_recurrent_fwd_kernel,
-            dict(
-                K=K, V=V, GK=GK, BK=triton.next_power_of_2(K), BV=rec_bv, GBK=GBK, HAS_H0=True, STORE_HT=True
-            ),
-            {},
-        ),
+            kernel,
+            {**constexprs, **config.kwargs},
+            {"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        for config in configs
     ]
 
 
@@ -156,6 +183,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def compile_and_report(fn, constexprs: dict, options: dict, typed: set[str], dtype: str, arch: int) -> dict:
+    fn = _jit_function(fn)
     source = ASTSource(fn=fn, signature=_signature(fn, constexprs, typed, dtype), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return {
@@ -177,9 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--head-dims", type=int, nargs="+", default=[64, 128, 256], help="K = V of the decay kernels"
     )
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(TL_DTYPES))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bf16", "fp32", "tf32"], choices=sorted(TL_DTYPE_NAMES)
+    )
     parser.add_argument("--streams", type=int, default=4, help="n of the mHC kernels")
     parser.add_argument("--skip-mhc", action="store_true")
+    parser.add_argument("--kernels", nargs="+", help="compile only the kernels with these names")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     from transformers_mhc.outputs import fresh_path
@@ -192,14 +223,21 @@ def main(argv: list[str] | None = None) -> int:
             for vector in (False, True):
                 meta = {"family": "decay", "dtype": dtype, "head_dim": head_dim, "vector": vector}
                 jobs += [(meta, job, DECAY_TYPED) for job in _decay_jobs(head_dim, vector, dtype)]
-        if not args.skip_mhc:
+        if not args.skip_mhc and dtype != "tf32":
             meta = {"family": "mhc", "dtype": dtype, "streams": args.streams}
             jobs += [(meta, job, MHC_TYPED) for job in _mhc_jobs(args.streams)]
+
+    if args.kernels:
+        jobs = [job for job in jobs if _jit_function(job[1][0]).fn.__name__ in args.kernels]
 
     rows = []
     start = time.perf_counter()
     for meta, (fn, constexprs, options), typed in jobs:
-        row = {"kernel": fn.fn.__name__, **meta}
+        launch = ", ".join(
+            [f"{key}={constexprs[key]}" for key in ("BV",) if key in constexprs]
+            + [f"{key}={value}" for key, value in options.items()]
+        )
+        row = {"kernel": _jit_function(fn).fn.__name__, **meta, "launch": launch}
         try:
             row.update(compile_and_report(fn, constexprs, options, typed, meta["dtype"], args.arch))
         except Exception as error:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
@@ -213,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if "registers" in row
             else row["error"]
         )
-        print(f"{row['kernel']:32s} {meta['dtype']} {shape:20s} {figures}", flush=True)
+        print(f"{row['kernel']:32s} {meta['dtype']} {shape:20s} {launch:32s} {figures}", flush=True)
 
     spilling = [row for row in rows if row.get("spill_store_bytes", 0) or row.get("spill_load_bytes", 0)]
     payload = {
@@ -223,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.perf_counter() - start,
         "kernels": rows,
         "spilling": [
-            f"{r['kernel']} {r['dtype']} {r.get('head_dim', '')} {r.get('vector', '')}" for r in spilling
+            f"{r['kernel']} {r['dtype']} {r.get('head_dim', '')} {r.get('vector', '')} {r['launch']}"
+            for r in spilling
         ],
         "errors": [row for row in rows if "error" in row],
     }

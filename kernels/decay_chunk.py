@@ -31,11 +31,21 @@ key channel, batch x head); key dims over 64 are split into tiles (``MAX_BLOCK_K
   size of the inputs), ``_chunk_state_bwd`` (reverse over chunks), ``_chunk_dv_bwd``, ``_chunk_dqk_bwd``,
   ``_chunk_dlog_decay_bwd``.
 
+Launch configurations. The state, output and dv kernels are autotuned over their value tile and ``num_warps``
+(``STATE_CONFIGS``, ``ROW_CONFIGS``), per head dims, decay granularity, chunk rows, dtype and product precision,
+among candidates that the sm_90 ptxas reports show free of register spills (``matmul_config_fits``,
+``decay_autotune``); the dq/dk kernel, the fullest, keeps one fixed configuration.
+
 Scalar decay is handled as vector decay whose channel axis has length 1 (``GK = GBK = 1``): every decay
 tile is ``[rows, 1]`` and broadcasts against ``[rows, Dk]`` tiles, so one kernel body serves both.
 
-All matrix products use ``input_precision="ieee"``: exact fp32 products for fp32 inputs (TF32 would cost
-~1e-3 relative error); for 16-bit inputs the operands are 16-bit anyway and the precision flag is moot.
+Matrix products. 16-bit inputs: operands in the input dtype (tensor cores), accumulation in fp32; operands
+computed in fp32 inside the kernels (decayed keys, scores) are rounded to the input dtype first. fp32 inputs:
+exact fp32 products (``input_precision="ieee"``) under torch's default ``torch.get_float32_matmul_precision()
+== "highest"``, TF32 tensor cores (~1e-3 relative error) when the user allows them for torch's matmuls
+(``"high"`` / ``"medium"``), as ``runtime.dot_precision`` decides at each call, except in the dq/dk kernel,
+which stays exact (with TF32 it spilled registers).
+
 The PyTorch reference this kernel must match is ``chunk_decay_linear_attn`` in
 ``transformers_mhc.models.decay_ops``.
 """
@@ -49,7 +59,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import INTERPRETED, device_guard
+from .decay_autotune import AUTOTUNE_KEY, candidates, pruner
+from .runtime import INTERPRETED, device_guard, dot_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Floor of a log decay (natural log). The kernels take differences of within-chunk cumulative sums, so a -inf
@@ -65,18 +76,46 @@ MAX_HEAD_DIM_K = 256
 # their scores sum over the key channels). A whole-K tile spilled registers from K = 128 on (12 KB in the
 # dq/dk kernel at K = 256, bf16, sm_90).
 MAX_BLOCK_K = 64
-# Largest value tile (32 once the key dim exceeds 64, 16 then for fp32); larger value dims are split over
-# programs or loops.
+# Largest value tile (32 once the key dim exceeds 64, 16 then for fp32, on 8 warps: `_block_v_max`); larger value
+# dims are split over programs or loops.
 MAX_BLOCK_V = 64
 # Largest row block for scalar decay with 16-bit inputs (a chunk is covered by several row blocks).
 MAX_BLOCK_ROWS = 32
-# Launch options of the kernels with matrix products.
-_MATMUL_LAUNCH = {"num_warps": 8, "num_stages": 2}
+# Launch candidates of the autotuned kernels with matrix products (state, output and dv kernels), admitted per shape
+# by `matmul_config_fits`; the autotuner's key adds the chunk rows and the product precision to the head dims.
+# The state kernels (sequential over chunks, one program per value and key tile) also try 4 warps; the output and dv
+# kernels stay on 8, where 4 spilled their [rows, K] tiles (fp32 output kernel, sm_90). All keep 2 stages: 1 stage
+# spilled where 2 did not (dv kernel, bf16, K = 128, 4 warps). Few candidates: each one is compiled on the first call
+# of every shape.
+STATE_CONFIGS = candidates(block_vs=(16, 32, 64), warps=(4, 8), stages=(2,), interpreted=(32, 4, 1))
+ROW_CONFIGS = candidates(block_vs=(16, 32, 64), warps=(8,), stages=(2,), interpreted=(32, 4, 1))
+MATMUL_KEY = [*AUTOTUNE_KEY, "BT", "PREC"]
+# Launch options of the dq/dk kernel (not autotuned: at 236-255 registers it has no room for other tiles).
+_DQK_LAUNCH = {"num_warps": 8, "num_stages": 2}
 # The dq/dk kernel holds the most tiles at once: value tiles of DQK_BLOCK_V in its loops, and one pipeline
 # stage with 32-row blocks. The tiles and launch options here are chosen so that the sm_90 ptxas reports show
 # no spill at Dk = Dv in {64, 128, 256}, bf16 and fp32 (benchmarks/ptxas_spills.py), not from GPU timings.
 DQK_BLOCK_V = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _block_v_max(BK: int, dtype: torch.dtype) -> int:
+    """Widest value tile of the kernels with matrix products on 8 warps: exact fp32 products run on FMA units
+    with both operands spread over registers, so fp32 needs smaller tiles than 16-bit inputs (sm_90 ptxas)."""
+    return MAX_BLOCK_V if BK <= MAX_BLOCK_K else MAX_BLOCK_V // (4 if dtype == torch.float32 else 2)
+
+
+def matmul_config_fits(config: triton.Config, BK: int, dtype: torch.dtype) -> bool:
+    """Whether an autotune candidate of the state, output and dv kernels stays free of spills: value tiles per
+    warp no wider than ``_block_v_max`` on 8 warps, at most two pipeline stages."""
+    return config.num_stages <= 2 and config.kwargs["BV"] * 8 <= _block_v_max(BK, dtype) * config.num_warps
+
+
+def _autotune_matmul(configs: list[triton.Config]):
+    """``triton.autotune`` over ``configs``, admitted by ``matmul_config_fits``. Safe to re-run while timing: these
+    kernels only store their results, never accumulate into them."""
+    prune = {"early_config_prune": pruner(matmul_config_fits)}
+    return triton.autotune(configs=configs, key=MATMUL_KEY, prune_configs_by=prune)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,9 +129,10 @@ def _decay(x):
 
 
 @triton.jit
-def _mm(a, b, MM: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; operands cast to ``MM`` (the input dtype, see ``_matmul_dtype``)."""
-    return tl.dot(a.to(MM), b.to(MM), input_precision="ieee")
+def _mm(a, b, MM: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; operands cast to ``MM`` (the input dtype, see ``_matmul_dtype``), fp32
+    operands multiplied as ``PREC`` says (``runtime.dot_precision``: "tf32" or exact "ieee")."""
+    return tl.dot(a.to(MM), b.to(MM), input_precision=PREC)
 
 
 @triton.jit
@@ -134,7 +174,7 @@ def _key_tile(i_k, BK: tl.constexpr, GBK: tl.constexpr):
 
 
 @triton.jit
-def _scores_offdiag(b_q, b_g, b_k, b_gk, b_gr, VECTOR: tl.constexpr, MM: tl.constexpr):
+def _scores_offdiag(b_q, b_g, b_k, b_gk, b_gr, VECTOR: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr):
     """``A[i, j] = sum_c q_ic k_jc 2^(g_ic - g_jc)`` for a row block strictly after the column block.
 
     ``b_gr`` is ``g`` at the row just before the row block; every ``j`` <= that row < every ``i``.
@@ -143,9 +183,9 @@ def _scores_offdiag(b_q, b_g, b_k, b_gk, b_gr, VECTOR: tl.constexpr, MM: tl.cons
         # 2^(g_i - g_j) = 2^(g_i - g_r) * 2^(g_r - g_j) with g_i <= g_r <= g_j: both factors <= 1.
         b_qd = b_q * _decay(b_g - b_gr[None, :])
         b_kd = b_k * _decay(b_gr[None, :] - b_gk)
-        return _mm(b_qd, tl.trans(b_kd), MM)
+        return _mm(b_qd, tl.trans(b_kd), MM, PREC)
     else:
-        b_s = _mm(b_q, tl.trans(b_k), MM)
+        b_s = _mm(b_q, tl.trans(b_k), MM, PREC)
         return b_s * _decay(b_g - tl.trans(b_gk))
 
 
@@ -164,6 +204,7 @@ def _scores_diag(
     BR: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Causal scores ``A[i, j]`` (zero for ``j > i``) inside the row block starting at row ``r0``, summed
     over the key channels ``ck``."""
@@ -186,7 +227,7 @@ def _scores_diag(
             p_k += K
             p_g += GK
     else:
-        b_A = _mm(b_q, tl.trans(b_k), MM) * _decay(b_g - tl.trans(b_g))
+        b_A = _mm(b_q, tl.trans(b_k), MM, PREC) * _decay(b_g - tl.trans(b_g))
     return tl.where(o_r[:, None] >= o_r[None, :], b_A, 0.0)
 
 
@@ -205,6 +246,7 @@ def _chunk_cumsum_kernel(a_ptr, g_ptr, T, GK: tl.constexpr, BT: tl.constexpr, GB
     _store_rows(g_ptr + base, tl.cumsum(b_a, axis=0) * LOG2E, rows, gc, T, GK)
 
 
+@_autotune_matmul(STATE_CONFIGS)
 @triton.jit
 def _chunk_state_fwd_kernel(
     k_ptr,
@@ -225,6 +267,7 @@ def _chunk_state_fwd_kernel(
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Walk the chunks in order, writing the state at each chunk start to ``h`` ([BH, NT, K, V], fp32).
 
@@ -252,11 +295,12 @@ def _chunk_state_fwd_kernel(
         b_gl = _load_row(g_ptr, tl.minimum(i_t * BT + BT, T) - 1, gc, T, GK)
         # Keys decayed to the chunk end (2^(gl - g_j) <= 1), then one matrix product per chunk.
         b_kd = b_k * _decay(b_gl[None, :] - b_g)
-        b_h = b_h * tl.exp2(b_gl)[:, None] + _mm(tl.trans(b_kd), b_v, MM)
+        b_h = b_h * tl.exp2(b_gl)[:, None] + _mm(tl.trans(b_kd), b_v, MM, PREC)
     if STORE_HT:
         tl.store(ht_ptr + s_offs, b_h, mask=s_mask)
 
 
+@_autotune_matmul(ROW_CONFIGS)
 @triton.jit
 def _chunk_output_fwd_kernel(
     q_ptr,
@@ -279,6 +323,7 @@ def _chunk_output_fwd_kernel(
     NK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Outputs of one row block: through the chunk-start state, plus causal intra-chunk attention.
 
@@ -309,7 +354,7 @@ def _chunk_output_fwd_kernel(
         h_offs, h_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
         b_h = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
         # Everything before the chunk, through its start state; 2^g_i <= 1.
-        b_o += _mm(b_q * tl.exp2(b_g), b_h, MM)
+        b_o += _mm(b_q * tl.exp2(b_g), b_h, MM, PREC)
 
         # Column blocks strictly before this row block (none when the row block is the whole chunk).
         b_gr = _load_row(g_ptr, r0 - 1, gc, T, GK)
@@ -318,19 +363,20 @@ def _chunk_output_fwd_kernel(
             b_kb = _load_rows(k_ptr, rows_b, ck, T, K)
             b_vb = _load_rows(v_ptr, rows_b, cv, T, V)
             b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
-            b_A = _scores_offdiag(b_q, b_g, b_kb, b_gb, b_gr, VECTOR, MM)
-            b_o += _mm(b_A, b_vb, MM)
+            b_A = _scores_offdiag(b_q, b_g, b_kb, b_gb, b_gr, VECTOR, MM, PREC)
+            b_o += _mm(b_A, b_vb, MM, PREC)
 
         b_k = _load_rows(k_ptr, rows, ck, T, K)
         b_v = _load_rows(v_ptr, rows, cv, T, V)
-        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM)
-        b_o += _mm(b_A, b_v, MM)
+        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM, PREC)
+        b_o += _mm(b_A, b_v, MM, PREC)
     _store_rows(o_ptr, b_o * scale, rows, cv, T, V)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------
+@_autotune_matmul(STATE_CONFIGS)
 @triton.jit
 def _chunk_state_bwd_kernel(
     q_ptr,
@@ -352,6 +398,7 @@ def _chunk_state_bwd_kernel(
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Walk the chunks backwards, writing the gradient w.r.t. the state at each chunk END to ``dh``
     (split over key and value blocks like ``_chunk_state_fwd_kernel``)."""
@@ -377,11 +424,12 @@ def _chunk_state_bwd_kernel(
         b_g = _load_rows(g_ptr, rows, gc, T, GK)
         b_gl = _load_row(g_ptr, tl.minimum(i_t * BT + BT, T) - 1, gc, T, GK)
         b_qd = b_q * tl.exp2(b_g) * scale
-        b_dh = b_dh * tl.exp2(b_gl)[:, None] + _mm(tl.trans(b_qd), b_do, MM)
+        b_dh = b_dh * tl.exp2(b_gl)[:, None] + _mm(tl.trans(b_qd), b_do, MM, PREC)
     if STORE_DH0:
         tl.store(dh0_ptr + s_offs, b_dh, mask=s_mask)
 
 
+@_autotune_matmul(ROW_CONFIGS)
 @triton.jit
 def _chunk_dv_bwd_kernel(
     q_ptr,
@@ -404,6 +452,7 @@ def _chunk_dv_bwd_kernel(
     NK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """``dv_j = scale * sum_{i >= j} A_ij do_i + (k_j * 2^(gl - g_j)) dH_end`` for one row block, summed
     over ``NK`` key tiles as in ``_chunk_output_fwd_kernel``."""
@@ -432,12 +481,12 @@ def _chunk_dv_bwd_kernel(
         b_gl = _load_row(g_ptr, tl.minimum(c0 + BT, T) - 1, gc, T, GK)
         dh_offs, dh_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
         b_dh = tl.load(dh_ptr + dh_offs, mask=dh_mask, other=0.0)
-        b_dv += _mm(b_k * _decay(b_gl[None, :] - b_g), b_dh, MM)
+        b_dv += _mm(b_k * _decay(b_gl[None, :] - b_g), b_dh, MM, PREC)
 
         b_q = _load_rows(q_ptr, rows, ck, T, K)
         b_do = _load_rows(do_ptr, rows, cv, T, V)
-        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM)
-        b_dv += scale * _mm(tl.trans(b_A), b_do, MM)
+        b_A = _scores_diag(b_q, b_g, b_k, k_ptr, g_ptr, r0, T, ck, K, GK, BR, VECTOR, MM, PREC)
+        b_dv += scale * _mm(tl.trans(b_A), b_do, MM, PREC)
         # Row blocks after this one (queries that attend to this block's keys).
         for i_b in range(i_r + 1, nrv):
             rb0 = c0 + i_b * BR
@@ -446,13 +495,23 @@ def _chunk_dv_bwd_kernel(
             b_gb = _load_rows(g_ptr, rows_b, gc, T, GK)
             b_dob = _load_rows(do_ptr, rows_b, cv, T, V)
             b_gr = _load_row(g_ptr, rb0 - 1, gc, T, GK)
-            b_A = _scores_offdiag(b_qb, b_gb, b_k, b_g, b_gr, VECTOR, MM)
-            b_dv += scale * _mm(tl.trans(b_A), b_dob, MM)
+            b_A = _scores_offdiag(b_qb, b_gb, b_k, b_g, b_gr, VECTOR, MM, PREC)
+            b_dv += scale * _mm(tl.trans(b_A), b_dob, MM, PREC)
     _store_rows(dv_ptr, b_dv, rows, cv, T, V)
 
 
 @triton.jit
-def _dqk_offdiag(b_dA, b_x, b_gx, b_ga, b_gr, VECTOR: tl.constexpr, FOR_DQ: tl.constexpr, MM: tl.constexpr):
+def _dqk_offdiag(
+    b_dA,
+    b_x,
+    b_gx,
+    b_ga,
+    b_gr,
+    VECTOR: tl.constexpr,
+    FOR_DQ: tl.constexpr,
+    MM: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Off-diagonal block of dq (``FOR_DQ``) or dk.
 
     dq_i = sum_j dA_ij k_j 2^(g_i - g_j), rows i of this block, keys j (``b_x``, ``b_gx``) of an earlier block.
@@ -462,15 +521,15 @@ def _dqk_offdiag(b_dA, b_x, b_gx, b_ga, b_gr, VECTOR: tl.constexpr, FOR_DQ: tl.c
     if VECTOR:
         if FOR_DQ:
             b_xd = b_x * _decay(b_gr[None, :] - b_gx)
-            return _decay(b_ga - b_gr[None, :]) * _mm(b_dA, b_xd, MM)
+            return _decay(b_ga - b_gr[None, :]) * _mm(b_dA, b_xd, MM, PREC)
         else:
             b_xd = b_x * _decay(b_gx - b_gr[None, :])
-            return _decay(b_gr[None, :] - b_ga) * _mm(tl.trans(b_dA), b_xd, MM)
+            return _decay(b_gr[None, :] - b_ga) * _mm(tl.trans(b_dA), b_xd, MM, PREC)
     else:
         if FOR_DQ:
-            return _mm(b_dA * _decay(b_ga - tl.trans(b_gx)), b_x, MM)
+            return _mm(b_dA * _decay(b_ga - tl.trans(b_gx)), b_x, MM, PREC)
         else:
-            return _mm(tl.trans(b_dA * _decay(b_gx - tl.trans(b_ga))), b_x, MM)
+            return _mm(tl.trans(b_dA * _decay(b_gx - tl.trans(b_ga))), b_x, MM, PREC)
 
 
 @triton.jit
@@ -491,6 +550,7 @@ def _dqk_diag(
     BK: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Strictly causal pairs (j < i) of the diagonal block: its parts of dq and dk (without ``scale``) in the
     key channels ``ck``."""
@@ -519,8 +579,8 @@ def _dqk_diag(
     else:
         b_D = tl.where(o_r[:, None] > o_r[None, :], _decay(b_g - tl.trans(b_g)), 0.0)
         b_dAd = b_dA * b_D
-        b_dq = _mm(b_dAd, b_k, MM)
-        b_dk = _mm(tl.trans(b_dAd), b_q, MM)
+        b_dq = _mm(b_dAd, b_k, MM, PREC)
+        b_dk = _mm(tl.trans(b_dAd), b_q, MM, PREC)
     return b_dq, b_dk
 
 
@@ -551,6 +611,7 @@ def _chunk_dqk_bwd_kernel(
     NV: tl.constexpr,
     VECTOR: tl.constexpr,
     MM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dq and dk of one row block in one block of key channels, and the two per-row pieces ``w``, ``x`` of
     the log-decay gradient.
@@ -596,16 +657,18 @@ def _chunk_dqk_bwd_kernel(
         s_offs, s_mask = _state_offsets(bh, i_t, NT, ck, cv, K, V)
         b_h = tl.load(h_ptr + s_offs, mask=s_mask, other=0.0)
         b_dh = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.0)
-        b_dq_h += _mm(b_do, tl.trans(b_h), MM)
-        b_dk_h += _mm(b_v, tl.trans(b_dh), MM)
-        b_dA += _mm(b_do, tl.trans(b_v), MM)
+        b_dq_h += _mm(b_do, tl.trans(b_h), MM, PREC)
+        b_dk_h += _mm(b_v, tl.trans(b_dh), MM, PREC)
+        b_dA += _mm(b_do, tl.trans(b_v), MM, PREC)
     b_dq_h = b_dq_h * tl.exp2(b_g) * scale
     b_dk_h = b_dk_h * _decay(b_gl[None, :] - b_g)
 
     # Strictly causal intra-chunk pairs (j < i). The pairs i = j are added separately below: their
     # shares of q*dq and k*dk are equal and cancel in the log-decay gradient, and leaving them out
     # of it keeps that gradient accurate when it is tiny (strong decay).
-    b_dq, b_dk = _dqk_diag(b_dA, b_q, b_k, b_g, q_ptr, k_ptr, g_ptr, r0, T, ck, K, GK, BR, BK, VECTOR, MM)
+    b_dq, b_dk = _dqk_diag(
+        b_dA, b_q, b_k, b_g, q_ptr, k_ptr, g_ptr, r0, T, ck, K, GK, BR, BK, VECTOR, MM, PREC
+    )
     for i_b in range(0, i_r):  # earlier key blocks -> dq
         rows_b = c0 + i_b * BR + o_r
         b_kb = _load_rows(k_ptr, rows_b, ck, T, K)
@@ -615,8 +678,8 @@ def _chunk_dqk_bwd_kernel(
             cv = i_v * BV + tl.arange(0, BV)
             b_do = _load_rows(do_ptr, rows, cv, T, V)
             b_vb = _load_rows(v_ptr, rows_b, cv, T, V)
-            b_dAb += _mm(b_do, tl.trans(b_vb), MM)
-        b_dq += _dqk_offdiag(b_dAb, b_kb, b_gb, b_g, b_gr, VECTOR, True, MM)
+            b_dAb += _mm(b_do, tl.trans(b_vb), MM, PREC)
+        b_dq += _dqk_offdiag(b_dAb, b_kb, b_gb, b_g, b_gr, VECTOR, True, MM, PREC)
     for i_b in range(i_r + 1, nrv):  # later query blocks -> dk
         rb0 = c0 + i_b * BR
         rows_b = rb0 + o_r
@@ -628,8 +691,8 @@ def _chunk_dqk_bwd_kernel(
             cv = i_v * BV + tl.arange(0, BV)
             b_dob = _load_rows(do_ptr, rows_b, cv, T, V)
             b_v = _load_rows(v_ptr, rows, cv, T, V)
-            b_dAb += _mm(b_dob, tl.trans(b_v), MM)
-        b_dk += _dqk_offdiag(b_dAb, b_qb, b_gb, b_g, b_grb, VECTOR, False, MM)
+            b_dAb += _mm(b_dob, tl.trans(b_v), MM, PREC)
+        b_dk += _dqk_offdiag(b_dAb, b_qb, b_gb, b_g, b_grb, VECTOR, False, MM, PREC)
 
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
@@ -737,6 +800,7 @@ class _Geometry:
     NT: int
     NV: int
     MM: tl.dtype  # matmul operand dtype
+    PREC: str  # tl.dot input precision of fp32 operands ("ieee" or "tf32", see `runtime.dot_precision`)
 
     @property
     def BH(self) -> int:
@@ -749,12 +813,21 @@ class _Geometry:
 
     def meta(self, matmul: bool = True) -> dict[str, int | tl.dtype]:
         """Compile-time arguments shared by the kernels; with ``matmul``, those of the kernels with matrix
-        products: key tiles of at most ``MAX_BLOCK_K`` (``NK`` of them), ``MM`` and the launch options."""
-        meta = {"K": self.K, "V": self.V, "GK": self.GK, "BK": self.BK, "BV": self.BV, "GBK": self.GBK}
+        products: key tiles of at most ``MAX_BLOCK_K`` (``NK`` of them), ``MM`` and ``PREC``, and no value tile
+        (their autotuners pick it)."""
         if not matmul:
-            return meta
+            return {"K": self.K, "V": self.V, "GK": self.GK, "BK": self.BK, "BV": self.BV, "GBK": self.GBK}
         bk = self.BK // self.NK
-        return {**meta, "BK": bk, "GBK": bk if self.vector else 1, "MM": self.MM, **_MATMUL_LAUNCH}
+        gbk = bk if self.vector else 1
+        return {
+            "K": self.K,
+            "V": self.V,
+            "GK": self.GK,
+            "BK": bk,
+            "GBK": gbk,
+            "MM": self.MM,
+            "PREC": self.PREC,
+        }
 
     def row_meta(self) -> dict[str, int | tl.dtype]:
         """``meta()`` plus the row blocks and key tiles of the output and dv kernels."""
@@ -763,8 +836,14 @@ class _Geometry:
     def dqk_meta(self) -> dict[str, int | tl.dtype]:
         """``meta()`` with the value tiles and launch options of the dq/dk kernel (see ``DQK_BLOCK_V``)."""
         tiles = {"BV": DQK_BLOCK_V, "NV": triton.cdiv(self.V, DQK_BLOCK_V)}
-        stages = 1 if self.BR > SUB_CHUNK else _MATMUL_LAUNCH["num_stages"]
-        return {**self.meta(), **tiles, "num_stages": stages}
+        stages = 1 if self.BR > SUB_CHUNK else _DQK_LAUNCH["num_stages"]
+        # Exact fp32 products even where TF32 is allowed: TF32's operand layouts took this kernel from 169 to 255
+        # registers and spilled at K = 64, vector decay (sm_90 ptxas).
+        return {**self.meta(), **tiles, **_DQK_LAUNCH, "num_stages": stages, "PREC": "ieee"}
+
+    def value_blocks(self, meta: dict) -> int:
+        """Value tiles of an autotuned kernel's launch (``meta`` holds the ``BV`` its autotuner picked)."""
+        return triton.cdiv(self.V, meta["BV"])
 
 
 def check_decay_inputs(
@@ -826,12 +905,10 @@ def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_s
     # A short sequence needs no chunk longer than itself (the math does not depend on the chunking).
     BT = min(chunk_size, max(SUB_CHUNK, triton.next_power_of_2(T)))
     BK = max(16, triton.next_power_of_2(K))
-    # Exact fp32 products run on FMA units with both operands spread over registers: smaller row and value
-    # tiles than for 16-bit inputs keep them from spilling (sm_90 ptxas reports).
+    # Exact fp32 products run on FMA units with both operands spread over registers: smaller row tiles than
+    # for 16-bit inputs keep them from spilling (sm_90 ptxas reports). BV: the log-decay kernel's value loop.
     fp32 = q.dtype == torch.float32
-    BV = min(
-        MAX_BLOCK_V if BK <= 64 else MAX_BLOCK_V // (4 if fp32 else 2), max(16, triton.next_power_of_2(V))
-    )
+    BV = min(_block_v_max(BK, q.dtype), max(16, triton.next_power_of_2(V)))
     return _Geometry(
         B=B,
         H=H,
@@ -848,6 +925,7 @@ def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_s
         NT=triton.cdiv(T, BT),
         NV=triton.cdiv(V, BV),
         MM=_matmul_dtype(q.dtype),
+        PREC=dot_precision(q.dtype),
     )
 
 
@@ -872,7 +950,7 @@ def _chunk_states(
         if output_final_state
         else None
     )
-    _chunk_state_fwd_kernel[(geo.NV, geo.NK, geo.BH)](
+    _chunk_state_fwd_kernel[lambda meta: (geo.value_blocks(meta), geo.NK, geo.BH)](
         k,
         v,
         g,
@@ -904,8 +982,10 @@ def chunk_decay_fwd(
     g = _chunk_cumsum(log_decay, geo)
     h, ht = _chunk_states(k, v, g, initial_state, geo, output_final_state)
     o = torch.empty_like(v, dtype=q.dtype)
-    grid = (geo.NT * (geo.BT // geo.BR), geo.NV, geo.BH)
-    _chunk_output_fwd_kernel[grid](q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta())
+    n_row_blocks = geo.NT * (geo.BT // geo.BR)
+    _chunk_output_fwd_kernel[lambda meta: (n_row_blocks, geo.value_blocks(meta), geo.BH)](
+        q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta()
+    )
     return o, ht
 
 
@@ -930,7 +1010,7 @@ def chunk_decay_bwd(
 
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    _chunk_state_bwd_kernel[(geo.NV, geo.NK, geo.BH)](
+    _chunk_state_bwd_kernel[lambda meta: (geo.value_blocks(meta), geo.NK, geo.BH)](
         q,
         do,
         g,
@@ -948,7 +1028,7 @@ def chunk_decay_bwd(
 
     n_row_blocks = geo.NT * (geo.BT // geo.BR)
     dv = torch.empty_like(v)
-    _chunk_dv_bwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
+    _chunk_dv_bwd_kernel[lambda meta: (n_row_blocks, geo.value_blocks(meta), geo.BH)](
         q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.row_meta()
     )
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE  # noqa: E402
 
@@ -186,6 +186,126 @@ def test_recurrent_matches_naive(T, vector):
     _check(got, _reference(inputs), _max_rel, FP32_TOL)
 
 
+MATMUL_KERNELS = (
+    "_chunk_state_fwd_kernel",
+    "_chunk_output_fwd_kernel",
+    "_chunk_state_bwd_kernel",
+    "_chunk_dv_bwd_kernel",
+    "_chunk_dqk_bwd_kernel",
+)
+
+
+class _RecordPrecision:
+    """Stands in for a kernel: records the ``PREC`` each launch passes, then launches the real kernel."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.seen.append((self.name, kwargs["PREC"]))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's float32 matmul precision for one test and restores it afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_chunk_dot_precision(precision, dtype, matmul_precision, monkeypatch):
+    """The matrix-product kernels, forward and backward, get TF32 products only for fp32 inputs and only when torch's
+    float32 matmul precision allows them ("high"); torch's default "highest" stays exact, as does the dq/dk kernel. (The interpreter multiplies
+    exactly whatever the flag, so the flag is what is checked here; on a GPU the tolerance below is TF32's.)"""
+    from transformers_mhc.kernels import decay_chunk as dc
+
+    seen = []
+    for name in MATMUL_KERNELS:
+        monkeypatch.setattr(dc, name, _RecordPrecision(getattr(dc, name), name, seen))
+    matmul_precision(precision)
+    inputs = _inputs(1, 2, 40, 24, 16, vector=False)
+    got = _run(chunk_decay_linear_attn_triton, inputs, dtype, chunk_size=16)
+    expected = "tf32" if dtype == torch.float32 and precision == "high" else "ieee"
+    # The dq/dk kernel stays exact (TF32 made it spill); the states are computed twice.
+    assert set(seen) == {
+        (name, "ieee" if name == "_chunk_dqk_bwd_kernel" else expected) for name in MATMUL_KERNELS
+    }
+    if dtype == torch.bfloat16:
+        _check(got, _reference(inputs, dtype), _rms_rel, BF16_TOL)
+    else:
+        _check(got, _reference(inputs), _max_rel, FP32_TOL if precision == "highest" else 1e-2)
+
+
+def test_recurrent_autotune_candidates():
+    """The recurrent kernel's launch candidates: on a GPU only those whose fp32 state tile stays within 64 elements
+    per thread (a [256, 64] tile on 4 warps spilled on sm_90), no value tile wider than Dv needs; a single one
+    under the interpreter."""
+    from transformers_mhc.kernels import decay_recurrent as dr
+    from transformers_mhc.kernels.decay_autotune import admitted_configs
+
+    grid = [triton.Config({"BV": bv}, num_warps=w) for bv in (16, 32, 64) for w in (2, 4, 8)]
+    kept = admitted_configs(grid, dr.recurrent_config_fits, 256, 256, torch.bfloat16)
+    assert {(c.kwargs["BV"], c.num_warps) for c in kept} == {
+        (16, 2),
+        (16, 4),
+        (16, 8),
+        (32, 4),
+        (32, 8),
+        (64, 8),
+    }
+    assert {
+        c.kwargs["BV"] for c in admitted_configs(grid, dr.recurrent_config_fits, 24, 16, torch.float32)
+    } == {16}
+    assert len(admitted_configs(grid, dr.recurrent_config_fits, 64, 64, torch.float32)) == len(grid)
+    if KERNEL_DEVICE.type == "cpu":
+        assert len(dr.RECURRENT_CONFIGS) == 1
+
+
+def test_chunk_autotune_candidates():
+    """The launch candidates of the autotuned chunk kernels (state, output, dv): value tiles per warp no wider than
+    on 8 warps at the sizes the sm_90 ptxas reports allow (64 up to K = 64; then 32 for 16-bit inputs, 16 for fp32),
+    at most two stages; a single candidate under the interpreter."""
+    from transformers_mhc.kernels import decay_chunk as dc
+    from transformers_mhc.kernels.decay_autotune import admitted_configs
+
+    grid = [
+        triton.Config({"BV": bv}, num_warps=w, num_stages=s)
+        for bv in (16, 32, 64)
+        for w in (4, 8)
+        for s in (1, 2, 3)
+    ]
+
+    def admitted(K, dtype):
+        return {
+            (c.kwargs["BV"], c.num_warps) for c in admitted_configs(grid, dc.matmul_config_fits, K, K, dtype)
+        }
+
+    assert admitted(64, torch.float32) == {(16, 4), (32, 4), (16, 8), (32, 8), (64, 8)}
+    assert admitted(128, torch.bfloat16) == {(16, 4), (16, 8), (32, 8)}
+    assert admitted(256, torch.float32) == {(16, 8)}
+    assert all(
+        c.num_stages <= 2 for c in admitted_configs(grid, dc.matmul_config_fits, 64, 64, torch.float32)
+    )
+    if KERNEL_DEVICE.type == "cpu":
+        assert len(dc.STATE_CONFIGS) == len(dc.ROW_CONFIGS) == 1
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_recurrent_large_head_dims(vector):
+    """Dk = 128 (one state tile of 128 key rows), Dv = 72: value tiles over several programs, the last one masked."""
+    inputs = _inputs(1, 2, 3, 128, 72, vector)
+    got = _run(fused_recurrent_decay_triton, inputs, torch.float32)
+    _check(got, _reference(inputs), _max_rel, FP32_TOL)
+
+
 @pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
 def test_prefill_then_decode_equals_full(vector):
     """Chunked prefill, then one recurrent step per token from the carried state == the whole sequence."""
@@ -242,18 +362,21 @@ for vector in (False, True):
     K = V = BK = BV = 64
     GK, GBK = (K, BK) if vector else (1, 1)
     tiles = dict(K=K, V=V, GK=GK, BK=BK, BV=BV, GBK=GBK)
-    chunk = dict(tiles, BT=64, BR=16 if vector else 64, VECTOR=vector, MM=tl.bfloat16)
+    mm = dict(MM=tl.bfloat16, PREC="ieee")
+    chunk = dict(tiles, BT=64, BR=16 if vector else 64, VECTOR=vector, **mm)
     jobs = [
         (dc._chunk_cumsum_kernel, dict(GK=GK, BT=64, GBK=GBK)),
-        (dc._chunk_state_fwd_kernel, dict(tiles, BT=64, HAS_H0=True, STORE_HT=True, MM=tl.bfloat16)),
+        (dc._chunk_state_fwd_kernel, dict(tiles, BT=64, HAS_H0=True, STORE_HT=True, **mm)),
         (dc._chunk_output_fwd_kernel, dict(chunk, NK=1)),
-        (dc._chunk_state_bwd_kernel, dict(tiles, BT=64, HAS_DHT=True, STORE_DH0=True, MM=tl.bfloat16)),
+        (dc._chunk_state_bwd_kernel, dict(tiles, BT=64, HAS_DHT=True, STORE_DH0=True, **mm)),
         (dc._chunk_dv_bwd_kernel, dict(chunk, NK=1)),
         (dc._chunk_dqk_bwd_kernel, dict(chunk, NV=2)),
         (dc._chunk_dlog_decay_bwd_kernel, dict(tiles, BT=64, NV=2, VECTOR=vector)),
         (dr._fused_recurrent_fwd_kernel, dict(tiles, HAS_H0=True, STORE_HT=True)),
     ]
     for fn, consts in jobs:
+        if isinstance(fn, triton.runtime.Autotuner):  # compile the kernel under the autotuner, tiles given above
+            fn = fn.fn
         signature = {}
         for name in inspect.signature(fn.fn).parameters:
             if name in consts:
