@@ -11,17 +11,27 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""H3's token mixer (`token_mixer="h3"`): the FFT long convolution == the recurrence == the definition written out,
-gradients included, on awkward lengths; the model around it (the generation contract, left padding, remote code and
+"""H3's token mixer (`token_mixer="h3"`): the attention-like quadratic form == the FFT long convolution == the
+recurrence == the definition written out, gradients and the final state included, on awkward lengths, in fp32 and bf16; the model around it (the generation contract, left padding, remote code and
 PEFT are covered by `test_model_contract.py` and `test_modeling_decay_linear_attn.py`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from transformers_mhc import DecayLinearAttnConfig, DecayLinearAttnForCausalLM, decay_statistics
-from transformers_mhc.models.h3 import H3Attention, S4DMixer, h3_fft_conv, h3_recurrent, s4d_conv, s4d_modes
+from transformers_mhc.models import h3
+from transformers_mhc.models.h3 import (
+    H3Attention,
+    S4DMixer,
+    h3_fft_conv,
+    h3_quadratic,
+    h3_recurrent,
+    s4d_conv,
+    s4d_modes,
+)
 
 
 def _inputs(batch=2, heads=3, length=13, dim=4, modes=3, seed=0, state=False):
@@ -62,29 +72,96 @@ def _definition(q, k, v, a_bar, c_b, skip, initial=None):
     return y
 
 
-@pytest.mark.parametrize("length", [1, 2, 13, 65])
+# 63 with dim 4 splits the quadratic form's batch into blocks with a remainder; 130 is past the FFT's powers of two.
+@pytest.mark.parametrize("length", [1, 2, 5, 13, 63, 130])
 @pytest.mark.parametrize("with_state", [False, True], ids=["from-zero", "from-a-state"])
-def test_fft_conv_equals_recurrence_equals_definition(length, with_state):
+def test_quadratic_and_fft_and_recurrence_equal_the_definition(length, with_state):
     q, k, v, params, skip, initial = _inputs(length=length, state=with_state)
     a_bar, c_b = s4d_modes(**params)
     expected = _definition(q, k, v, a_bar, c_b, skip, initial)
+    y_quad, state_quad = h3_quadratic(q, k, v, a_bar, c_b, skip, initial, output_final_state=True)
     y_fft, state_fft = h3_fft_conv(q, k, v, a_bar, c_b, skip, initial, output_final_state=True)
     y_rec, state_rec = h3_recurrent(q, k, v, a_bar, c_b, skip, initial)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(y_fft.double(), expected, atol=2e-5 * scale, rtol=1e-4)
-    torch.testing.assert_close(y_rec.double(), expected, atol=2e-5 * scale, rtol=1e-4)
-    torch.testing.assert_close(state_fft, state_rec, atol=2e-5 * state_rec.abs().max().item(), rtol=1e-4)
+    scale, state_scale = expected.abs().max().item(), state_rec.abs().max().item()
+    for y in (y_quad, y_fft, y_rec):
+        torch.testing.assert_close(y.double(), expected, atol=2e-5 * scale, rtol=1e-4)
+    for state in (state_quad, state_fft):
+        torch.testing.assert_close(state, state_rec, atol=2e-5 * state_scale, rtol=1e-4)
 
 
-def test_fft_conv_and_recurrence_have_the_same_gradients():
-    q, k, v, params, skip, _ = _inputs(length=9)
-    leaves = [t.requires_grad_() for t in (q, k, v, skip, *params.values())]
-    grads = []
-    for op in (h3_fft_conv, h3_recurrent):
+def _gradients(op, q, k, v, params, skip, initial):
+    """Gradients of a loss on the output and on the final state, w.r.t. every input and parameter."""
+    leaves = [t.requires_grad_() for t in (q, k, v, skip, *params.values(), initial)]
+    if op is h3_recurrent:
+        y, state = op(q, k, v, *s4d_modes(**params), skip, initial)
+    else:
+        y, state = op(q, k, v, *s4d_modes(**params), skip, initial, output_final_state=True)
+    loss = y.float().square().sum() + torch.view_as_real(state).square().sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("length", [5, 63])
+def test_quadratic_fft_and_recurrence_have_the_same_gradients(length):
+    inputs = _inputs(length=length, state=True)
+    names = ["q", "k", "v", "skip", *inputs[3], "initial_state"]
+    expected = _gradients(h3_recurrent, *inputs)
+    for op in (h3_quadratic, h3_fft_conv):
+        for name, a, b in zip(names, _gradients(op, *inputs), expected, strict=True):
+            torch.testing.assert_close(
+                a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4, msg=f"{op.__name__}: {name}"
+            )
+
+
+@pytest.mark.parametrize("length", [5, 63])
+def test_quadratic_equals_fft_in_bf16(length):
+    """bf16 activations: both forms compute in fp32, so they agree to fp32 accuracy on the same bf16 inputs and
+    return bf16 gradients for bf16 leaves."""
+    q, k, v, params, skip, _ = _inputs(length=length)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    results = []
+    for op in (h3_quadratic, h3_fft_conv):
         y, _ = op(q, k, v, *s4d_modes(**params), skip)
-        grads.append(torch.autograd.grad(y.square().sum(), leaves))
-    for name, a, b in zip(["q", "k", "v", "skip", *params], *grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4, msg=name)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (q, k, v))))
+    (y_quad, *grads_quad), (y_fft, *grads_fft) = results
+    assert y_quad.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads_quad)
+    torch.testing.assert_close(y_quad, y_fft, atol=2e-5 * y_fft.abs().max().item(), rtol=1e-4)
+    for a, b in zip(grads_quad, grads_fft, strict=True):
+        # The gradients are rounded to bf16 at the end: one bf16 step of difference is allowed.
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2 * b.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_picks_the_quadratic_form_up_to_the_threshold(monkeypatch, dtype):
+    """The layer gives the same output and cached state whichever form it runs (forced by the threshold), with left
+    padding; and it runs the quadratic form up to `QUADRATIC_MAX_LENGTH` tokens and the FFT beyond."""
+    model = _tiny().to(dtype)
+    layer = model.model.layers[0].linear_attn
+    hidden = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    padding_mask = torch.ones(2, 13, dtype=torch.long)
+    padding_mask[1, :4] = 0
+    outputs = {}
+    for threshold in (13, 12):  # quadratic, then FFT
+        monkeypatch.setattr(h3, "QUADRATIC_MAX_LENGTH", threshold)
+        cache = DynamicCache(config=model.config)
+        outputs[threshold] = (
+            layer(hidden, padding_mask=padding_mask, cache=cache),
+            layer.ssm.read_state(cache),
+        )
+    (y_quad, state_quad), (y_fft, state_fft) = outputs[13], outputs[12]
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(y_quad, y_fft, **tolerance)
+    torch.testing.assert_close(state_quad, state_fft, **tolerance)
+
+    calls = []
+    for name in ("h3_quadratic", "h3_fft_conv"):
+        original = getattr(h3, name)
+        monkeypatch.setattr(
+            h3, name, lambda *a, _name=name, _op=original, **kw: calls.append(_name) or _op(*a, **kw)
+        )
+    monkeypatch.setattr(h3, "QUADRATIC_MAX_LENGTH", 13)
+    layer(hidden)
+    layer(torch.cat([hidden, hidden[:, :1]], dim=1))
+    assert calls == ["h3_quadratic", "h3_fft_conv"]
 
 
 def test_long_sequence_fft_matches_the_recurrence():

@@ -28,11 +28,25 @@
   channel — a vector decay — but as a sum of `N/2` damped oscillations instead of one exponential `λ^t`, and
   independent of the input. `decay_statistics` reports `|ā|`.
 
-`S4DMixer` (`token_mixer="s4d"`) is the diagonal SSM alone, one per channel, for H3's ablation.
+`S4DMixer` (`token_mixer="s4d"`) is the diagonal SSM alone, one per channel, for H3's ablation. It keeps the FFT
+at every length: it convolves `[B, T, C]` directly, with no outer products. (A `[C, T, T]` Toeplitz matmul measured
+1.6-1.9x faster at T = 32-64 but slower at 256, and S4D is already cheap next to the rest of the model.)
 
-Training and prefill compute the same thing as a long convolution through the FFT (FlashConv's algorithm, O(T log T)
-per channel): `y = q · (K * (k v)) + ...` with the kernel `K[i, τ] = 2 Re Σ_n C b̄ ā^τ`; decoding runs the
-recurrence with the state in the `DynamicCache` slot of the layer (O(1) per token).
+Training and prefill compute `y_t[j] = Σ_{s≤t} (Σ_i q_t[i] K[i, t-s] k_s[i]) v_s[j] + ...` with the kernel
+`K[i, τ] = 2 Re Σ_n C b̄ ā^τ`, in one of two exact forms chosen by the length (`QUADRATIC_MAX_LENGTH`):
+
+- up to 256 tokens, the attention-like form (`h3_quadratic`): scores `[T, T]` per head (O(T² Dk)), then a
+  `[T, T] @ [T, Dv]` product;
+- beyond, a long convolution through the FFT (FlashConv's algorithm, `h3_fft_conv`, O(T log T) per channel) of the
+  per-token products `k_s v_sᵀ` (`T · Dk · Dv` per head).
+
+Measured forward + backward on one CPU thread (batch 32, 2 heads, head_dim 32, 32 modes; a loaded 2-core machine, so
+ratios only): quadratic / FFT 51 / 783 ms at T = 16, 92 / 1723 at 32, 327 / 3562 at 64, 1860 / 6174 at 128, 5281 /
+12850 at 256, 24.9 / 27.5 s at 384. There is no chunked form (quadratic within chunks, the state passed between
+them): its state per chunk (`Dk · Dv · N/2` complex) is as large as the `k v` products of 64 tokens, so at chunk 64
+it kept more activation memory than the FFT (1034 vs 789 MiB saved for backward at T = 512) and was not worth it.
+Prefill also returns the state after the last token (`h3_final_state`). Decoding runs the recurrence with the state
+in the `DynamicCache` slot of the layer (O(1) per token).
 """
 
 from __future__ import annotations
@@ -42,11 +56,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
 from .configuration_decay_linear_attn import DecayLinearAttnConfig, cache_state_indices
 from .decay_linear_attention import causal_depthwise_conv, read_state
+
+# Up to this many tokens the attention-like form (`h3_quadratic`, O(T² D) per head) is used for training and prefill,
+# beyond it the FFT (`h3_fft_conv`, O(T log T · D²)). Measured (module docstring): the quadratic form is faster up to
+# about 384 tokens and keeps far less for backward; 256 leaves a margin.
+QUADRATIC_MAX_LENGTH = 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,6 +92,20 @@ def s4d_kernel(a_bar: torch.Tensor, c_b: torch.Tensor, length: int) -> torch.Ten
     """`K[i, τ] = 2 Re Σ_n (C b̄)[i, n] ā[i, n]^τ` for `τ < length`: `[D, length]` fp32 (a Vandermonde product)."""
     powers = mode_powers(a_bar, torch.arange(length))
     return 2 * torch.einsum("dn,dnt->dt", c_b, powers).real
+
+
+def h3_final_state(
+    k: torch.Tensor, v: torch.Tensor, a_bar: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The state after the last token, `S_{T-1}[i, j, n] = Σ_s ā[i, n]^(T-1-s) k_s[i] v_s[j] + ā^T S0[i, j, n]`
+    (`[B, H, Dk, Dv, N/2]` complex), for prefill."""
+    length = k.shape[2]
+    powers = mode_powers(a_bar, torch.arange(length - 1, -1, -1))  # [Dk, N/2, T]
+    # Writing the output in this layout dominates; real matmuls over s measured no faster than the einsum.
+    state = torch.einsum("int,bhti,bhtj->bhijn", powers, k.to(powers.dtype), v.to(powers.dtype))
+    if initial_state is not None:
+        state = state + a_bar[:, None, :] ** length * initial_state
+    return state
 
 
 def h3_fft_conv(
@@ -103,13 +137,80 @@ def h3_fft_conv(
         powers = mode_powers(a_bar, torch.arange(1, length + 1))  # [Dk, N/2, T]
         mixed = mixed + 2 * torch.einsum("dn,dnt,bhden->bhtde", c_b, powers, initial_state).real
     y = torch.einsum("bhti,bhtij->bhtj", q.float(), mixed)
-    final_state = None
-    if output_final_state:
-        # S_{T-1} = Σ_s ā^(T-1-s) k_s v_s + ā^T S0
-        powers = mode_powers(a_bar, torch.arange(length - 1, -1, -1))  # [Dk, N/2, T]
-        final_state = torch.einsum("dnt,bhtde->bhden", powers, kv.to(powers.dtype))
-        if initial_state is not None:
-            final_state = final_state + a_bar[:, None, :] ** length * initial_state
+    final_state = h3_final_state(k, v, a_bar, initial_state) if output_final_state else None
+    return y, final_state
+
+
+def lag_matrix(kernel: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """The kernel laid out by lag: `M[t, s, i] = K[i, t - s]` for `s ≤ t` (plus `D[i]` at `s = t`), 0 above the
+    diagonal. `kernel`: `[D, T]`, `skip`: `[D]`; returns `[T, T, D]` fp32."""
+    length = kernel.shape[-1]
+    lags = torch.arange(length, device=kernel.device)
+    lags = lags[:, None] - lags[None, :]  # t - s
+    by_lag = kernel.float().T.clone()  # [T, D]
+    by_lag[0] += skip.float()  # the skip D acts at lag 0
+    return by_lag[lags.clamp(min=0)] * (lags >= 0)[..., None]
+
+
+class LaggedScores(torch.autograd.Function):
+    """`A[n, t, s] = Σ_i q[n, t, i] M[t, s, i] k[n, s, i]` for `q`, `k`: `[N, T, D]` and `M`: `[T, T, D]` (fp32).
+
+    No pair of the three operands shares only summed indices, so this is not a matmul: it is elementwise work over a
+    `[N, T, T, D]` volume. Done for all `n` at once (as `torch.einsum` does) every pass streams that volume through
+    memory; done a few `n` at a time it stays in cache, which measured 3-5x faster forward + backward at T = 32-64,
+    and autograd keeps only `q`, `k` and `M`.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, lagged: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k, lagged)
+        # About 256 KiB of the [T, T, D] volume per block.
+        ctx.block = block = max(1, 2**16 // lagged.numel())
+        scores = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+        for start in range(0, q.shape[0], block):
+            q_block, k_block = q[start : start + block], k[start : start + block]
+            scores[start : start + block] = (q_block[:, :, None] * lagged * k_block[:, None]).sum(-1)
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, lagged = ctx.saved_tensors
+        grad_q, grad_k, grad_lagged = torch.empty_like(q), torch.empty_like(k), torch.zeros_like(lagged)
+        for start in range(0, q.shape[0], ctx.block):
+            end = start + ctx.block
+            grad_block = grad[start:end, :, :, None]
+            weighted = grad_block * lagged  # [n, T, S, D]
+            grad_q[start:end] = (weighted * k[start:end, None]).sum(2)
+            grad_k[start:end] = (weighted * q[start:end, :, None]).sum(1)
+            grad_lagged += (grad_block * q[start:end, :, None] * k[start:end, None]).sum(0)
+        return grad_q, grad_k, grad_lagged
+
+
+def h3_quadratic(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a_bar: torch.Tensor,
+    c_b: torch.Tensor,
+    skip: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`h3_fft_conv`'s output and state, in the attention-like form: scores `A[t, s] = Σ_i q_t[i] K[i, t-s] k_s[i]`
+    (`O(T² D)` per head) then `y = A @ v`, in fp32. No per-token `Dk × Dv` product is ever formed, which makes it
+    the fastest form for short sequences (see `QUADRATIC_MAX_LENGTH`).
+    """
+    length = q.shape[2]
+    q, k, v = q.float(), k.float(), v.float()
+    lagged = lag_matrix(s4d_kernel(a_bar, c_b, length), skip)  # [T, T, Dk]
+    scores = LaggedScores.apply(q.flatten(0, 1), k.flatten(0, 1), lagged).view(*q.shape[:3], length)
+    y = scores @ v
+    if initial_state is not None:
+        # The initial state decays into every position: 2 Re Σ_{i,n} q_t[i] C b̄ ā^(t+1) S0[i, j, n].
+        read_out = c_b[..., None] * mode_powers(a_bar, torch.arange(1, length + 1))  # [Dk, N/2, T]
+        y = y + 2 * torch.einsum("bhti,int,bhijn->bhtj", q.to(read_out.dtype), read_out, initial_state).real
+    final_state = h3_final_state(k, v, a_bar, initial_state) if output_final_state else None
     return y, final_state
 
 
@@ -239,6 +340,8 @@ class H3Attention(nn.Module):
         args = (heads(query_states), heads(key_states), heads(value_states), a_bar, c_b, self.ssm.skip, state)
         if length == 1:
             attn_output, state = h3_recurrent(*args)
+        elif length <= QUADRATIC_MAX_LENGTH:
+            attn_output, state = h3_quadratic(*args, output_final_state=cache is not None)
         else:
             attn_output, state = h3_fft_conv(*args, output_final_state=cache is not None)
         if cache is not None:
