@@ -249,7 +249,7 @@ def test_recurrent_autotune_candidates():
     per thread (a [256, 64] tile on 4 warps spilled on sm_90), no value tile wider than Dv needs; a single one
     under the interpreter."""
     from transformers_mhc.kernels import decay_recurrent as dr
-    from transformers_mhc.kernels.decay_autotune import admitted_configs
+    from transformers_mhc.kernels.decay_autotune import admitted_configs, pruner
 
     grid = [triton.Config({"BV": bv}, num_warps=w) for bv in (16, 32, 64) for w in (2, 4, 8)]
     kept = admitted_configs(grid, dr.recurrent_config_fits, 256, 256, torch.bfloat16)
@@ -265,6 +265,10 @@ def test_recurrent_autotune_candidates():
         c.kwargs["BV"] for c in admitted_configs(grid, dr.recurrent_config_fits, 24, 16, torch.float32)
     } == {16}
     assert len(admitted_configs(grid, dr.recurrent_config_fits, 64, 64, torch.float32)) == len(grid)
+    # The autotuner's pruning hook sees the launch's constexprs and positional tensors (it runs on a GPU only).
+    prune = pruner(dr.recurrent_config_fits)
+    pruned = prune(grid, {"q_ptr": torch.empty(0, dtype=torch.bfloat16)}, K=256, V=256, GK=256, HAS_H0=False)
+    assert pruned == kept
     if KERNEL_DEVICE.type == "cpu":
         assert len(dr.RECURRENT_CONFIGS) == 1
 
