@@ -34,16 +34,36 @@ from torch.autograd.function import once_differentiable
 
 from .runtime import device_guard
 
-# Elements of the fp32 [BLOCK_T, NP, BLOCK_C] accumulator a program holds; bounds register use on GPUs.
-_TILE_ELEMENTS = 1024
-_MAX_BLOCK_C = 128
+# A program's tile: BLOCK_T tokens x NP (n padded) stream rows x BLOCK_C hidden units, which both kernels hold in
+# registers (res+post: the fp32 accumulator; pre: the n unrolled stream loads). 4096 elements with 8 warps is 16 per
+# thread and BLOCK_C up to 1024 gives 16-byte bf16 loads; no kernel spills on sm_90 up to n = 16 (the old cap,
+# 1024 elements and BLOCK_C <= 128, read 4 bytes per thread and row). Small inputs (decode) get smaller tiles, down
+# to _MIN_TILE, until the grid covers an H100's 132 SMs.
+_MAX_TILE = 4096
+_MIN_TILE = 1024
+_MAX_BLOCK_C = 1024
+_TARGET_PROGRAMS = 132
 
 
-def _blocks(num_tokens: int, C: int, rows: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_C) so that BLOCK_T · rows · BLOCK_C stays within the tile budget."""
-    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(C, 1)))
-    block_t = max(1, min(_TILE_ELEMENTS // (rows * block_c), triton.next_power_of_2(num_tokens)))
+def _blocks(num_tokens: int, C: int, rows: int, tile: int = _MAX_TILE) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) with BLOCK_T · rows · BLOCK_C <= tile (BLOCK_C >= 16)."""
+    block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(C, 1)), max(16, tile // rows))
+    block_t = max(1, min(tile // (rows * block_c), triton.next_power_of_2(max(num_tokens, 1))))
     return block_t, block_c
+
+
+def _launch(num_tokens: int, C: int, n: int) -> tuple[dict, dict, tuple[int, int]]:
+    """(BLOCK_T/BLOCK_C constexprs, launch options, grid) of both mix kernels for `[num_tokens, n, C]` streams."""
+    rows = triton.next_power_of_2(n)
+    tile = _MAX_TILE
+    while True:
+        block_t, block_c = _blocks(num_tokens, C, rows, tile)
+        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))
+        if tile <= _MIN_TILE or grid[0] * grid[1] >= _TARGET_PROGRAMS:
+            break
+        tile //= 2
+    num_warps = 8 if block_t * rows * block_c >= _MAX_TILE else 4
+    return dict(BLOCK_T=block_t, BLOCK_C=block_c), {"num_warps": num_warps}, grid
 
 
 @triton.jit
@@ -106,9 +126,8 @@ class HCPreMixTritonFunction(torch.autograd.Function):
         out = torch.empty(T, C, device=x.device, dtype=x.dtype)
         if out.numel() > 0:
             with device_guard(x):
-                bt, bc = _blocks(T, C, 1)
-                grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
-                _pre_mix_fwd_kernel[grid](h, x, out, T, C, N=n, BLOCK_T=bt, BLOCK_C=bc)
+                blocks, options, grid = _launch(T, C, n)
+                _pre_mix_fwd_kernel[grid](h, x, out, T, C, N=n, **blocks, **options)
         ctx.save_for_backward(h, x)
         return out
 
@@ -119,12 +138,11 @@ class HCPreMixTritonFunction(torch.autograd.Function):
         T, n, C = x.shape
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
-        bt, bc = _blocks(T, C, 1)
-        grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
+        blocks, options, grid = _launch(T, C, n)
         part_h = torch.zeros(grid[1], T, n, device=x.device, dtype=torch.float32)
         if x.numel() > 0:
             with device_guard(x):
-                _pre_mix_bwd_kernel[grid](h, x, grad_out, grad_x, part_h, T, C, N=n, BLOCK_T=bt, BLOCK_C=bc)
+                _pre_mix_bwd_kernel[grid](h, x, grad_out, grad_x, part_h, T, C, N=n, **blocks, **options)
         return part_h.sum(0).to(h.dtype), grad_x
 
 
@@ -244,20 +262,22 @@ def _res_post_mix_bwd_kernel(
     tl.store(grad_f_ptr + t[:, None] * C + c[None, :], grad_f.to(grad_f_ptr.dtype.element_ty), mask=mask)
 
 
-def compile_jobs(n: int, dtype: torch.dtype, num_tokens: int = 10**6, hidden: int = 4096) -> list[tuple]:
-    """`(kernel, constexprs, launch options)` the launchers use for `n` streams of `hidden` units (`dtype` is the
-    streams' pointer type, which the caller sets)."""
-    np2 = triton.next_power_of_2(n)
-    bt1, bc1 = _blocks(num_tokens, hidden, 1)
-    btn, bcn = _blocks(num_tokens, hidden, np2)
-    pre = dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1)
-    res_post = dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn)
-    return [
-        (_pre_mix_fwd_kernel, pre, {}),
-        (_pre_mix_bwd_kernel, pre, {}),
-        (_res_post_mix_fwd_kernel, res_post, {}),
-        (_res_post_mix_bwd_kernel, res_post, {}),
-    ]
+def compile_jobs(n: int, dtype: torch.dtype, hidden: int = 4096) -> list[tuple]:
+    """`(kernel, constexprs, launch options)` the launchers use for `n` streams of `hidden` units, in training
+    (many tokens: the largest tiles) and at decode (one token: the smallest); `dtype` is the streams' pointer type,
+    which the caller sets."""
+    jobs = []
+    for num_tokens in (10**6, 1):
+        blocks, options, _ = _launch(num_tokens, hidden, n)
+        pre = dict(N=n, **blocks)
+        res_post = dict(pre, NP=triton.next_power_of_2(n))
+        jobs += [
+            (_pre_mix_fwd_kernel, pre, options),
+            (_pre_mix_bwd_kernel, pre, options),
+            (_res_post_mix_fwd_kernel, res_post, options),
+            (_res_post_mix_bwd_kernel, res_post, options),
+        ]
+    return jobs
 
 
 class HCResPostMixTritonFunction(torch.autograd.Function):
@@ -270,11 +290,9 @@ class HCResPostMixTritonFunction(torch.autograd.Function):
         out = torch.empty_like(x)
         if out.numel() > 0:
             with device_guard(x):
-                np2 = triton.next_power_of_2(n)
-                bt, bc = _blocks(T, C, np2)
-                grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
+                blocks, options, grid = _launch(T, C, n)
                 _res_post_mix_fwd_kernel[grid](
-                    h_res, x, h_post, f, out, T, C, N=n, NP=np2, BLOCK_T=bt, BLOCK_C=bc
+                    h_res, x, h_post, f, out, T, C, N=n, NP=triton.next_power_of_2(n), **blocks, **options
                 )
         ctx.save_for_backward(h_res, x, h_post, f)
         return out
@@ -285,9 +303,7 @@ class HCResPostMixTritonFunction(torch.autograd.Function):
         h_res, x, h_post, f = ctx.saved_tensors
         T, n, C = x.shape
         grad_out = grad_out.contiguous()
-        np2 = triton.next_power_of_2(n)
-        bt, bc = _blocks(T, C, np2)
-        grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
+        blocks, options, grid = _launch(T, C, n)
         grad_x = torch.empty_like(x)
         grad_f = torch.empty_like(f)
         part_res = torch.zeros(grid[1], T, n, n, device=x.device, dtype=torch.float32)
@@ -296,7 +312,7 @@ class HCResPostMixTritonFunction(torch.autograd.Function):
             with device_guard(x):
                 _res_post_mix_bwd_kernel[grid](
                     h_res, x, h_post, f, grad_out, grad_x, grad_f, part_res, part_post, T, C,
-                    N=n, NP=np2, BLOCK_T=bt, BLOCK_C=bc,
+                    N=n, NP=triton.next_power_of_2(n), **blocks, **options,
                 )  # fmt: skip
         return part_res.sum(0).to(h_res.dtype), grad_x, part_post.sum(0).to(h_post.dtype), grad_f
 

@@ -25,6 +25,7 @@ import triton  # noqa: E402
 from conftest import KERNEL_DEVICE  # noqa: E402
 
 from transformers_mhc.kernels import mhc_coefficients as coefficients_module  # noqa: E402
+from transformers_mhc.kernels import mhc_mix as mix_module  # noqa: E402
 from transformers_mhc.kernels import mhc_sinkhorn as sinkhorn_module  # noqa: E402
 from transformers_mhc.kernels.mhc import (  # noqa: E402
     hc_pre_mix_triton,
@@ -347,8 +348,8 @@ def test_res_post_mix_matches_reference(n, dtype, layout):
 
 
 def test_mix_kernels_several_channel_blocks():
-    # C = 257 spans three 128-wide channel blocks: the per-block partial sums of the coefficient gradients
-    # must add up; one token exercises the decode shape.
+    # C = 257 spans three 128-wide channel blocks (few tokens: the smallest tiles): the per-block partial sums of
+    # the coefficient gradients must add up; one token exercises the decode shape.
     for tokens in [(3,), (1,)]:
         x = _leaf(torch.randn(*tokens, 6, 257))
         f = _leaf(torch.randn(*tokens, 257))
@@ -359,6 +360,34 @@ def test_mix_kernels_several_channel_blocks():
         )
         _compare(hc_pre_mix_triton, hc_pre_mix, [h_pre, x], torch.float32)
         _compare(hc_res_post_mix_triton, hc_res_post_mix, [h_res, x, h_post, f], torch.float32)
+
+
+def test_mix_tiles_by_shape():
+    # Training shapes: 4096-element tiles with 8 warps, BLOCK_C up to 1024 (16-byte bf16 loads per thread).
+    assert mix_module._launch(10**6, 4096, 4) == (
+        {"BLOCK_T": 1, "BLOCK_C": 1024},
+        {"num_warps": 8},
+        (10**6, 4),
+    )
+    assert mix_module._launch(10**6, 4096, 1) == (
+        {"BLOCK_T": 4, "BLOCK_C": 1024},
+        {"num_warps": 8},
+        (250000, 4),
+    )
+    assert mix_module._launch(10**6, 4096, 16)[0] == {"BLOCK_T": 1, "BLOCK_C": 256}  # 16 stream rows
+    # Decode: tiles shrink (to 1024 elements) while the grid has fewer programs than an H100 has SMs.
+    assert mix_module._launch(1, 4096, 4) == ({"BLOCK_T": 1, "BLOCK_C": 256}, {"num_warps": 4}, (1, 16))
+    assert mix_module._launch(70, 1100, 2) == ({"BLOCK_T": 1, "BLOCK_C": 1024}, {"num_warps": 4}, (70, 2))
+
+
+def test_mix_kernels_wide_tiles():
+    # 70 tokens of C = 1100 at n = 2 take 1024-wide channel tiles, the second one 76 wide (masked): forward and
+    # gradients, including the per-channel-block partial sums of the coefficient gradients.
+    x = _leaf(torch.randn(70, 2, 1100))
+    f = _leaf(torch.randn(70, 1100))
+    h_pre, h_post, h_res = _leaf(torch.rand(70, 2)), _leaf(torch.rand(70, 2)), _leaf(torch.rand(70, 2, 2))
+    _compare(hc_pre_mix_triton, hc_pre_mix, [h_pre, x], torch.float32)
+    _compare(hc_res_post_mix_triton, hc_res_post_mix, [h_res, x, h_post, f], torch.float32)
 
 
 def test_mix_kernels_reject_bad_shapes():
@@ -485,10 +514,25 @@ def _compile_for_gpu(dtypes: list[str], streams: list[int]) -> list[dict]:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    # 2 Sinkhorn + 4 mix + coefficient kernels: 4 per dot precision (fwd, fwd split, bwd x, bwd phi) + the reduce.
-    per_n = {"bf16": 2 + 4 + 5, "fp32": 2 + 4 + 9}
-    assert len(rows) == sum(per_n[d] for d in dtypes) * len(streams), proc.stdout[-4000:]
+    # Every kernel, for every dtype and stream count (the script stops at the first that does not compile).
+    assert {(row["kernel"], row["dtype"], row["n"]) for row in rows} == {
+        (kernel, dtype, n) for kernel in _KERNELS for dtype in dtypes for n in streams
+    }, proc.stdout[-4000:]
     return rows
+
+
+_KERNELS = [
+    "_sinkhorn_fwd_kernel",
+    "_sinkhorn_bwd_kernel",
+    "_coefficients_fwd_kernel",
+    "_coefficients_fwd_reduce_kernel",
+    "_coefficients_bwd_x_kernel",
+    "_coefficients_bwd_phi_kernel",
+    "_pre_mix_fwd_kernel",
+    "_pre_mix_bwd_kernel",
+    "_res_post_mix_fwd_kernel",
+    "_res_post_mix_bwd_kernel",
+]
 
 
 def _check_compiled(rows: list[dict]) -> None:
@@ -540,6 +584,7 @@ def test_sweep_all_kernels(n, dtype):
             mhc_coefficients,
             _coefficient_inputs(n, C, tokens, dtype),
             dtype,
+            _coefficient_tol(dtype),
             eps=1e-5,
         )
         _, x = _streams(tokens, n, C, dtype)
