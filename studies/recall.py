@@ -3,10 +3,11 @@
 Trains small 2-layer models on the two synthetic recall tasks of `transformers_mhc.evaluation.synthetic`
 (`induction_batch`, `mqar_batch`; training and evaluation with its `train_recall` / `recall_accuracy`) for the
 designs in `DESIGNS`: softmax attention (Llama), linear attention without decay, Simple Decay (p = 0.99) without
-and with the short convolution (H3's shift SSM), Mamba2-style decay with the short conv, and the delta rule with
-Mamba2-style decay and the short conv (Gated-DeltaNet-like). Every design gets the same budget (steps x batch)
-per task, and parameter counts are matched as far as the configs allow (Llama's MLP is widened to make up for
-the decay model's gates; the counts are reported).
+and with the short convolution (H3's shift SSM), Mamba2-style decay with the short conv, the delta rule with
+Mamba2-style decay and the short conv (Gated-DeltaNet-like), H3 with and without its shift SSM, and the diagonal
+SSM alone (S4D). Every design gets the same budget (steps x batch) per task, and parameter counts are matched as
+far as the configs allow (the MLP of Llama and of the diagonal SSM alone is widened to make up for the decay
+model's gates and for the missing q/k projections; the counts are reported).
 
 Learning rate: each design is trained at every `--lrs` value with the first seed; the learning rate with the best
 accuracy (ties: lower final training loss) is then trained with the remaining seeds, and the table reports the
@@ -17,12 +18,16 @@ MQAR is trained at one key-value count (`--mqar-kv`) and each trained model is a
 of `--mqar-eval-kv` (fewer pairs, and more than it was trained on).
 
 Outputs `<out-dir>/recall.json`, `<out-dir>/recall.md` (the table) and `<out-dir>/recall.png`; existing results are
-kept (new files are written beside them as `recall-2.*`) unless `--overwrite`.
+kept (new files are written beside them as `recall-2.*`) unless `--overwrite`. `--append` instead adds the designs
+of this run to the existing `<out-dir>/recall.json` (same settings required; its rows are kept) and rewrites the
+table and plot from all of them. Every finished training run is saved in the JSON at once, so an interrupted
+`--append` resumes when run again: the runs it recorded are reused, not retrained:
 
     nice -n 10 python studies/recall.py --out-dir studies/results
+    nice -n 10 python studies/recall.py --out-dir studies/results --append --designs h3 h3_noshift s4d
 
-Adding a design (e.g. the H3 mixer once it exists) is one `Design(...)` entry in `DESIGNS`, or, without editing,
-`--add-design 'h3=decay_linear_attn:{"layer_types": ["h3", "h3"], "short_conv_size": 4}'`. Its config fields are
+Adding a design is one `Design(...)` entry in `DESIGNS`, or, without editing,
+`--add-design 'h3=decay_linear_attn:{"token_mixer": "h3", "short_conv_size": 4}'`. Its config fields are
 passed through as they are; a design whose config or model raises, or that names a field the config class does
 not have (which `PretrainedConfig` would otherwise store and ignore), is skipped with a message and listed under
 `skipped` in the JSON.
@@ -66,8 +71,7 @@ class Design:
 
 
 SHORT_CONV = {"short_conv_size": 4}
-# One entry per design. Config fields are passed to the config class unchanged, so a design that needs a field
-# added later (the H3 mixer: H3, H3 without the shift SSM, the diagonal SSM alone) is one more line here.
+# One entry per design. Config fields are passed to the config class unchanged.
 DESIGNS: tuple[Design, ...] = (
     # Llama's MLP is widened (128 -> 152 at hidden 64) to match the decay model's extra gate parameters.
     Design("softmax", "softmax attention (Llama)", "llama", {"intermediate_size_factor": 2.375}),
@@ -95,6 +99,16 @@ DESIGNS: tuple[Design, ...] = (
         "delta rule + Mamba2 decay + short conv",
         "decay_linear_attn",
         {"decay_type": "mamba2", "use_delta_rule": True, **SHORT_CONV},
+    ),
+    # H3's shift SSM is the short conv on k (`short_conv_size`); the diagonal SSM has h3_state_size = 64 (32 modes).
+    Design("h3", "H3 (shift + diagonal SSM)", "decay_linear_attn", {"token_mixer": "h3", **SHORT_CONV}),
+    Design("h3_noshift", "H3 without the shift SSM", "decay_linear_attn", {"token_mixer": "h3"}),
+    # The diagonal SSM alone has no q and k projections: its MLP is widened (128 -> 150) to make up for them.
+    Design(
+        "s4d",
+        "diagonal SSM alone (S4D)",
+        "decay_linear_attn",
+        {"token_mixer": "s4d", "intermediate_size_factor": 150 / 64},
     ),
 )
 # Study-level keys that are not config fields: resolved against the model width before the config is built.
@@ -127,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite",
         action="store_true",
         help="replace existing result files (default: write beside them as recall-2.json, ...)",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's designs to the existing <out-dir>/recall.json (same settings) and rewrite its table",
     )
     keys = [d.key for d in DESIGNS]
     parser.add_argument("--designs", nargs="+", choices=keys, default=keys)
@@ -298,18 +317,26 @@ def pick_lr(runs: list[dict], lrs: list[float], seeds: list[int]) -> float:
     return max(lrs, key=score)
 
 
-def study_design(design: Design, task_name: str, task: dict, args: argparse.Namespace, record) -> dict:
-    """The learning-rate sweep and the seeds at the chosen learning rate, for one design and task."""
+def study_design(
+    design: Design, task_name: str, task: dict, args: argparse.Namespace, record, recorded: list[dict]
+) -> dict:
+    """The learning-rate sweep and the seeds at the chosen learning rate, for one design and task. A run already in
+    `recorded` (by an interrupted `--append` with the same settings) is reused instead of trained again."""
     first, rest = args.seeds[0], args.seeds[1:]
     sweep_seeds = args.seeds if args.lr_selection == "all" else [first]
-    runs: list[dict] = []
-    for lr in args.lrs:
-        for seed in sweep_seeds:
-            runs.append(record(train_one(design, task_name, task, args, lr, seed)))
+
+    def run(lr: float, seed: int) -> dict:
+        key = (design.key, task_name, lr, seed)
+        for previous in recorded:
+            if (previous["design"], previous["task"], previous["lr"], previous["seed"]) == key:
+                print(f"[{task_name:9s} {design.key:12s} lr {lr:g} seed {seed}] recorded earlier", flush=True)
+                return previous
+        return record(train_one(design, task_name, task, args, lr, seed))
+
+    runs = [run(lr, seed) for lr in args.lrs for seed in sweep_seeds]
     best = pick_lr(runs, args.lrs, sweep_seeds)
     if args.lr_selection == "first-seed":
-        for seed in rest:
-            runs.append(record(train_one(design, task_name, task, args, best, seed)))
+        runs += [run(best, seed) for seed in rest]
     at_best = [r for r in runs if r["lr"] == best]
     summary = {
         "design": design.key,
@@ -348,7 +375,8 @@ def markdown_table(results: dict) -> str:
             header += ["induction best lr", "induction"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for design in results["designs"]:
-        params = " / ".join(f"{design['num_parameters'][task] / 1000:.1f}k" for task in tasks)
+        counts = design["num_parameters"]
+        params = " / ".join(f"{counts[task] / 1000:.1f}k" if task in counts else "—" for task in tasks)
         row = [design["label"], params]
         for task in tasks:
             summary = by_key.get((design["key"], task))
@@ -407,6 +435,46 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+# Settings that do not change what is measured: an appended run may differ from the existing results in these.
+RUN_ONLY_SETTINGS = {"out_dir", "overwrite", "append", "designs", "threads", "tasks"}
+
+
+def appended_results(path: Path, results: dict, designs: list[Design]) -> dict:
+    """The existing results at `path`, to which this run's designs are added (`--append`), for all or some of the
+    tasks (a design's other tasks may be appended by a later run; until then their cells read "—").
+
+    Refuses (SystemExit) when a measured setting differs or a design already has a result for one of this run's
+    tasks, so that rows measured under different protocols never share a table and no existing result is replaced.
+    """
+    if not path.exists():
+        raise SystemExit(f"--append: {path} does not exist")
+    existing = json.loads(path.read_text())
+    differ = {
+        key: (existing["config"].get(key), value)
+        for key, value in results["config"].items()
+        if key not in RUN_ONLY_SETTINGS and existing["config"].get(key) != value
+    }
+    differ.update(
+        {
+            task: "task settings"
+            for task, settings in results["tasks"].items()
+            if existing["tasks"].get(task) != settings
+        }
+    )
+    if differ:
+        raise SystemExit(f"--append: settings differ from {path} (existing, this run): {differ}")
+    done = {(s["design"], s["task"]) for s in existing["summary"]}
+    present = sorted(f"{d.key}/{task}" for d in designs for task in results["tasks"] if (d.key, task) in done)
+    if present:
+        raise SystemExit(f"--append: {path} already has {', '.join(present)}")
+    keys = existing["config"]["designs"]
+    existing["config"]["designs"] = keys + [d.key for d in designs if d.key not in keys]
+    existing.setdefault("appended", []).append(
+        {"command": results["command"], "environment": results["environment"], "seconds": 0.0}
+    )
+    return existing
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -423,14 +491,29 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": [],
         "summary": [],
     }
-    json_path = fresh_path(args.out_dir / "recall.json", overwrite=args.overwrite, companions=(".md", ".png"))
+    if args.append:
+        json_path = args.out_dir / "recall.json"
+        results = appended_results(json_path, results, designs)
+    else:
+        json_path = fresh_path(
+            args.out_dir / "recall.json", overwrite=args.overwrite, companions=(".md", ".png")
+        )
     md_path, png_path = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    earlier_seconds = results.get("seconds", 0.0)
+    recorded = list(results["runs"])  # runs of an interrupted --append are reused
 
     def record(run: dict) -> dict:
         results["runs"].append(run)
-        results["seconds"] = time.perf_counter() - start
+        update_seconds()
         write_json_atomic(json_path, results)  # partial results survive an interrupted run
         return run
+
+    def update_seconds() -> None:
+        # The total over every run in the file; an appended run's own time is kept in its `appended` entry.
+        elapsed = time.perf_counter() - start
+        results["seconds"] = earlier_seconds + elapsed
+        if args.append:
+            results["appended"][-1]["seconds"] = elapsed
 
     start = time.perf_counter()
     for design in designs:
@@ -444,10 +527,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"skipping design {design.key!r} ({design.label}): {reason}", file=sys.stderr, flush=True)
             results["skipped"].append({"design": design.key, "config": design.config, "reason": reason})
             continue
-        results["designs"].append({**dataclasses.asdict(design), "num_parameters": counts})
+        entry = next((d for d in results["designs"] if d["key"] == design.key), None)
+        if entry is None:
+            results["designs"].append({**dataclasses.asdict(design), "num_parameters": counts})
+        else:  # appending another task of a design already in the results
+            entry["num_parameters"].update(counts)
         for name, task in tasks.items():
-            results["summary"].append(study_design(design, name, task, args, record))
-    results["seconds"] = time.perf_counter() - start
+            results["summary"].append(study_design(design, name, task, args, record, recorded))
+    update_seconds()
     write_json_atomic(json_path, results)
     table = markdown_table(results)
     md_path.write_text(table)
