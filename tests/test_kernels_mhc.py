@@ -209,6 +209,13 @@ def test_coefficients_split_k_at_decode(n, C, tokens, dtype):
     _compare(mhc_coefficients_triton, mhc_coefficients, inputs, dtype, _coefficient_tol(dtype), eps=1e-6)
 
 
+def test_coefficients_fp16_streams():
+    # fp16 takes the same split-16 tensor-core path as bf16 (with 11-bit halves), with and without split-K.
+    for n, C, tokens in [(4, 33, (5,)), (4, 130, (1,))]:
+        inputs = _coefficient_inputs(n, C, tokens, torch.float16)
+        _compare(mhc_coefficients_triton, mhc_coefficients, inputs, torch.float16, SPLIT16_TOL, eps=1e-6)
+
+
 def test_coefficients_split_k_uneven_splits(monkeypatch):
     # One K block per split: 9 splits over nC = 520 (the last one 8 columns wide), at T = 1 and T = 17 (two token
     # blocks, the second with one row).
