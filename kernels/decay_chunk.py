@@ -43,8 +43,8 @@ Matrix products. 16-bit inputs: operands in the input dtype (tensor cores), accu
 computed in fp32 inside the kernels (decayed keys, scores) are rounded to the input dtype first. fp32 inputs:
 exact fp32 products (``input_precision="ieee"``) under torch's default ``torch.get_float32_matmul_precision()
 == "highest"``, TF32 tensor cores (~1e-3 relative error) when the user allows them for torch's matmuls
-(``"high"`` / ``"medium"``), as ``runtime.dot_precision`` decides at each call, except in the dq/dk kernel,
-which stays exact (with TF32 it spilled registers).
+(``"high"`` / ``"medium"``), as ``runtime.dot_precision`` decides at each call, except in the dv and dq/dk
+kernels, which stay exact (with TF32 they spilled registers).
 
 The PyTorch reference this kernel must match is ``chunk_decay_linear_attn`` in
 ``transformers_mhc.models.decay_ops``.
@@ -833,6 +833,11 @@ class _Geometry:
         """``meta()`` plus the row blocks and key tiles of the output and dv kernels."""
         return {"BT": self.BT, "BR": self.BR, "NK": self.NK, "VECTOR": self.vector, **self.meta()}
 
+    def dv_meta(self) -> dict[str, int | tl.dtype]:
+        """``row_meta()`` with exact fp32 products even where TF32 is allowed: with TF32 the dv kernel spilled 8 bytes
+        at K = 64, vector decay, BV = 16 (sm_90 ptxas capped it at 128 registers)."""
+        return {**self.row_meta(), "PREC": "ieee"}
+
     def dqk_meta(self) -> dict[str, int | tl.dtype]:
         """``meta()`` with the value tiles and launch options of the dq/dk kernel (see ``DQK_BLOCK_V``)."""
         tiles = {"BV": DQK_BLOCK_V, "NV": triton.cdiv(self.V, DQK_BLOCK_V)}
@@ -1029,7 +1034,7 @@ def chunk_decay_bwd(
     n_row_blocks = geo.NT * (geo.BT // geo.BR)
     dv = torch.empty_like(v)
     _chunk_dv_bwd_kernel[lambda meta: (n_row_blocks, geo.value_blocks(meta), geo.BH)](
-        q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.row_meta()
+        q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.dv_meta()
     )
 
     dq = torch.empty_like(q)

@@ -223,8 +223,9 @@ def matmul_precision():
 @pytest.mark.parametrize("precision", ["highest", "high"])
 def test_chunk_dot_precision(precision, dtype, matmul_precision, monkeypatch):
     """The matrix-product kernels, forward and backward, get TF32 products only for fp32 inputs and only when torch's
-    float32 matmul precision allows them ("high"); torch's default "highest" stays exact, as does the dq/dk kernel. (The interpreter multiplies
-    exactly whatever the flag, so the flag is what is checked here; on a GPU the tolerance below is TF32's.)"""
+    float32 matmul precision allows them ("high"); torch's default "highest" stays exact, as do the dv and dq/dk
+    kernels. (The interpreter multiplies exactly whatever the flag, so the flag is what is checked here; on a GPU
+    the tolerance below is TF32's.)"""
     from transformers_mhc.kernels import decay_chunk as dc
 
     seen = []
@@ -234,10 +235,9 @@ def test_chunk_dot_precision(precision, dtype, matmul_precision, monkeypatch):
     inputs = _inputs(1, 2, 40, 24, 16, vector=False)
     got = _run(chunk_decay_linear_attn_triton, inputs, dtype, chunk_size=16)
     expected = "tf32" if dtype == torch.float32 and precision == "high" else "ieee"
-    # The dq/dk kernel stays exact (TF32 made it spill); the states are computed twice.
-    assert set(seen) == {
-        (name, "ieee" if name == "_chunk_dqk_bwd_kernel" else expected) for name in MATMUL_KERNELS
-    }
+    # The dv and dq/dk kernels stay exact (TF32 made them spill); the states are computed twice.
+    exact = {"_chunk_dv_bwd_kernel", "_chunk_dqk_bwd_kernel"}
+    assert set(seen) == {(name, "ieee" if name in exact else expected) for name in MATMUL_KERNELS}
     if dtype == torch.bfloat16:
         _check(got, _reference(inputs, dtype), _rms_rel, BF16_TOL)
     else:
