@@ -96,9 +96,11 @@ def _decay_jobs(head_dim: int, vector: bool, dtype: str):
     finally:
         torch.set_float32_matmul_precision(previous)
 
+    def split(meta):  # (constexprs, launch options)
+        launch = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+        return meta, launch
+
     matmul = geo.meta()
-    dqk = geo.dqk_meta()
-    dqk_launch = {key: dqk.pop(key) for key in ("num_warps", "num_stages")}
     rows = dict(BT=geo.BT, BR=geo.BR, VECTOR=vector)
     GK, GBK = geo.GK, geo.GBK
     recurrent = dict(K=K, V=V, GK=GK, BK=triton.next_power_of_2(K), GBK=GBK, HAS_H0=True, STORE_HT=True)
@@ -109,10 +111,10 @@ def _decay_jobs(head_dim: int, vector: bool, dtype: str):
     return [
         (dc._chunk_cumsum_kernel, dict(GK=GK, BT=geo.BT, GBK=GBK), {}),
         *chunk(dc._chunk_state_fwd_kernel, dict(matmul, BT=geo.BT, HAS_H0=True, STORE_HT=True)),
-        *chunk(dc._chunk_output_fwd_kernel, geo.row_meta()),
+        (dc._chunk_output_fwd_kernel, *split(geo.row_meta())),
         *chunk(dc._chunk_state_bwd_kernel, dict(matmul, BT=geo.BT, HAS_DHT=True, STORE_DH0=True)),
-        *chunk(dc._chunk_dv_bwd_kernel, geo.dv_meta()),
-        (dc._chunk_dqk_bwd_kernel, dict(dqk, **rows), dqk_launch),
+        (dc._chunk_dv_bwd_kernel, *split(geo.dv_meta())),
+        (dc._chunk_dqk_bwd_kernel, *split(dict(geo.dqk_meta(), **rows))),
         (dc._chunk_dlog_decay_bwd_kernel, dict(geo.meta(False), BT=geo.BT, NV=geo.NV, VECTOR=vector), {}),
         *_autotuned(dr._fused_recurrent_fwd_kernel, recurrent, dr.recurrent_config_fits, torch_dtype),
     ]

@@ -31,10 +31,10 @@ key channel, batch x head); key dims over 64 are split into tiles (``MAX_BLOCK_K
   size of the inputs), ``_chunk_state_bwd`` (reverse over chunks), ``_chunk_dv_bwd``, ``_chunk_dqk_bwd``,
   ``_chunk_dlog_decay_bwd``.
 
-Launch configurations. The state, output and dv kernels are autotuned over their value tile and ``num_warps``
-(``STATE_CONFIGS``, ``ROW_CONFIGS``), per head dims, decay granularity, chunk rows, dtype and product precision,
-among candidates that the sm_90 ptxas reports show free of register spills (``matmul_config_fits``,
-``decay_autotune``); the dq/dk kernel, the fullest, keeps one fixed configuration.
+Launch configurations. The two state kernels are autotuned over their value tile and ``num_warps``
+(``STATE_CONFIGS``), per head dims, decay granularity, chunk rows, dtype and product precision, among candidates
+that the sm_90 ptxas reports show free of register spills (``matmul_config_fits``, ``decay_autotune``); the
+output, dv and dq/dk kernels keep one configuration per shape (other candidates spilled).
 
 Scalar decay is handled as vector decay whose channel axis has length 1 (``GK = GBK = 1``): every decay
 tile is ``[rows, 1]`` and broadcasts against ``[rows, Dk]`` tiles, so one kernel body serves both.
@@ -81,16 +81,17 @@ MAX_BLOCK_K = 64
 MAX_BLOCK_V = 64
 # Largest row block for scalar decay with 16-bit inputs (a chunk is covered by several row blocks).
 MAX_BLOCK_ROWS = 32
-# Launch candidates of the autotuned kernels with matrix products (state, output and dv kernels), admitted per shape
-# by `matmul_config_fits`; the autotuner's key adds the chunk rows and the product precision to the head dims.
-# The state kernels (sequential over chunks, one program per value and key tile) also try 4 warps; the output and dv
-# kernels stay on 8, where 4 spilled their [rows, K] tiles (fp32 output kernel, sm_90). All keep 2 stages: 1 stage
-# spilled where 2 did not (dv kernel, bf16, K = 128, 4 warps). Few candidates: each one is compiled on the first call
-# of every shape.
+# Launch candidates of the autotuned state kernels (sequential over chunks, one program per value and key tile),
+# admitted per shape by `matmul_config_fits`; the autotuner's key adds the chunk rows and the product precision to
+# the head dims. 2 stages: 1 stage spilled where 2 did not (dv kernel, bf16, K = 128, 4 warps). Few candidates: each
+# one is compiled on the first call of every shape.
 STATE_CONFIGS = candidates(block_vs=(16, 32, 64), warps=(4, 8), stages=(2,), interpreted=(32, 4, 1))
-ROW_CONFIGS = candidates(block_vs=(16, 32, 64), warps=(8,), stages=(2,), interpreted=(32, 4, 1))
 MATMUL_KEY = [*AUTOTUNE_KEY, "BT", "PREC"]
-# Launch options of the dq/dk kernel (not autotuned: at 236-255 registers it has no room for other tiles).
+# Launch options of the output and dv kernels (widest value tile that fits, `_block_v_max`) and of the dq/dk kernel.
+# Not autotuned: they hold [rows, K] tiles besides the value tiles, and the sm_90 ptxas reports showed spills for
+# other candidates (4 warps; narrower value tiles, where ptxas capped the kernel at 128 registers: output kernel,
+# fp32, K = 64, BV = 32), and the dq/dk kernel runs at 236-255 registers.
+_ROW_LAUNCH = {"num_warps": 8, "num_stages": 2}
 _DQK_LAUNCH = {"num_warps": 8, "num_stages": 2}
 # The dq/dk kernel holds the most tiles at once: value tiles of DQK_BLOCK_V in its loops, and one pipeline
 # stage with 32-row blocks. The tiles and launch options here are chosen so that the sm_90 ptxas reports show
@@ -106,16 +107,16 @@ def _block_v_max(BK: int, dtype: torch.dtype) -> int:
 
 
 def matmul_config_fits(config: triton.Config, BK: int, dtype: torch.dtype) -> bool:
-    """Whether an autotune candidate of the state, output and dv kernels stays free of spills: value tiles per
-    warp no wider than ``_block_v_max`` on 8 warps, at most two pipeline stages."""
+    """Whether an autotune candidate of the state kernels stays free of spills: value tiles per warp no wider than
+    ``_block_v_max`` on 8 warps, at most two pipeline stages."""
     return config.num_stages <= 2 and config.kwargs["BV"] * 8 <= _block_v_max(BK, dtype) * config.num_warps
 
 
-def _autotune_matmul(configs: list[triton.Config]):
-    """``triton.autotune`` over ``configs``, admitted by ``matmul_config_fits``. Safe to re-run while timing: these
-    kernels only store their results, never accumulate into them."""
+def _autotune_state(kernel):
+    """``triton.autotune`` over ``STATE_CONFIGS``, admitted by ``matmul_config_fits``. Safe to re-run while timing:
+    the state kernels only store their results, never accumulate into them."""
     prune = {"early_config_prune": pruner(matmul_config_fits)}
-    return triton.autotune(configs=configs, key=MATMUL_KEY, prune_configs_by=prune)
+    return triton.autotune(configs=STATE_CONFIGS, key=MATMUL_KEY, prune_configs_by=prune)(kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def _chunk_cumsum_kernel(a_ptr, g_ptr, T, GK: tl.constexpr, BT: tl.constexpr, GB
     _store_rows(g_ptr + base, tl.cumsum(b_a, axis=0) * LOG2E, rows, gc, T, GK)
 
 
-@_autotune_matmul(STATE_CONFIGS)
+@_autotune_state
 @triton.jit
 def _chunk_state_fwd_kernel(
     k_ptr,
@@ -300,7 +301,6 @@ def _chunk_state_fwd_kernel(
         tl.store(ht_ptr + s_offs, b_h, mask=s_mask)
 
 
-@_autotune_matmul(ROW_CONFIGS)
 @triton.jit
 def _chunk_output_fwd_kernel(
     q_ptr,
@@ -376,7 +376,7 @@ def _chunk_output_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------
-@_autotune_matmul(STATE_CONFIGS)
+@_autotune_state
 @triton.jit
 def _chunk_state_bwd_kernel(
     q_ptr,
@@ -429,7 +429,6 @@ def _chunk_state_bwd_kernel(
         tl.store(dh0_ptr + s_offs, b_dh, mask=s_mask)
 
 
-@_autotune_matmul(ROW_CONFIGS)
 @triton.jit
 def _chunk_dv_bwd_kernel(
     q_ptr,
@@ -814,7 +813,7 @@ class _Geometry:
     def meta(self, matmul: bool = True) -> dict[str, int | tl.dtype]:
         """Compile-time arguments shared by the kernels; with ``matmul``, those of the kernels with matrix
         products: key tiles of at most ``MAX_BLOCK_K`` (``NK`` of them), ``MM`` and ``PREC``, and no value tile
-        (their autotuners pick it)."""
+        (the state kernels' autotuners pick it)."""
         if not matmul:
             return {"K": self.K, "V": self.V, "GK": self.GK, "BK": self.BK, "BV": self.BV, "GBK": self.GBK}
         bk = self.BK // self.NK
@@ -830,8 +829,9 @@ class _Geometry:
         }
 
     def row_meta(self) -> dict[str, int | tl.dtype]:
-        """``meta()`` plus the row blocks and key tiles of the output and dv kernels."""
-        return {"BT": self.BT, "BR": self.BR, "NK": self.NK, "VECTOR": self.vector, **self.meta()}
+        """``meta()`` plus the row blocks, key tiles, value tile and launch options of the output and dv kernels."""
+        rows = {"BT": self.BT, "BR": self.BR, "NK": self.NK, "VECTOR": self.vector, "BV": self.BV}
+        return {**self.meta(), **rows, **_ROW_LAUNCH}
 
     def dv_meta(self) -> dict[str, int | tl.dtype]:
         """``row_meta()`` with exact fp32 products even where TF32 is allowed: with TF32 the dv kernel spilled 8 bytes
@@ -910,8 +910,9 @@ def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_s
     # A short sequence needs no chunk longer than itself (the math does not depend on the chunking).
     BT = min(chunk_size, max(SUB_CHUNK, triton.next_power_of_2(T)))
     BK = max(16, triton.next_power_of_2(K))
-    # Exact fp32 products run on FMA units with both operands spread over registers: smaller row tiles than
-    # for 16-bit inputs keep them from spilling (sm_90 ptxas reports). BV: the log-decay kernel's value loop.
+    # Exact fp32 products run on FMA units with both operands spread over registers: smaller row and value tiles
+    # than for 16-bit inputs keep them from spilling (sm_90 ptxas reports). BV: the value tile of the output, dv
+    # and log-decay kernels (the state kernels' is autotuned).
     fp32 = q.dtype == torch.float32
     BV = min(_block_v_max(BK, q.dtype), max(16, triton.next_power_of_2(V)))
     return _Geometry(
@@ -988,7 +989,7 @@ def chunk_decay_fwd(
     h, ht = _chunk_states(k, v, g, initial_state, geo, output_final_state)
     o = torch.empty_like(v, dtype=q.dtype)
     n_row_blocks = geo.NT * (geo.BT // geo.BR)
-    _chunk_output_fwd_kernel[lambda meta: (n_row_blocks, geo.value_blocks(meta), geo.BH)](
+    _chunk_output_fwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
         q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta()
     )
     return o, ht
@@ -1033,7 +1034,7 @@ def chunk_decay_bwd(
 
     n_row_blocks = geo.NT * (geo.BT // geo.BR)
     dv = torch.empty_like(v)
-    _chunk_dv_bwd_kernel[lambda meta: (n_row_blocks, geo.value_blocks(meta), geo.BH)](
+    _chunk_dv_bwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
         q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.dv_meta()
     )
 

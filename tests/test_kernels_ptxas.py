@@ -34,9 +34,7 @@ KNOWN_SPILLS = {("_sinkhorn_bwd_kernel", dtype, None, None) for dtype in ("bf16"
 DECAY_KERNELS = 8
 AUTOTUNED_DECAY_KERNELS = {
     "_chunk_state_fwd_kernel",
-    "_chunk_output_fwd_kernel",
     "_chunk_state_bwd_kernel",
-    "_chunk_dv_bwd_kernel",
     "_fused_recurrent_fwd_kernel",
 }
 
