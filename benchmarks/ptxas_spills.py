@@ -68,7 +68,7 @@ def _signature(fn, constexprs: dict, typed: set[str], dtype: str) -> dict[str, s
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + (TL_DTYPE_NAMES[dtype] if name in typed else "fp32")
+            signature[name] = "*" + (TL_DTYPE_NAMES.get(dtype, dtype) if name in typed else "fp32")
         elif name in ("scale", "eps"):
             signature[name] = "fp32"
         else:
