@@ -473,6 +473,21 @@ def test_bf16_forward_and_generate():
     assert generated.shape == (2, 10)
 
 
+def test_delta_rule_model_follows_kernel_backend():
+    """The delta rule has no kernel: "auto" and "torch" give the same logits (the torch path), while "triton" stops
+    with an error naming both fields instead of silently running PyTorch."""
+    model = make_model(use_delta_rule=True, decay_granularity="vector")
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        model.config.kernel_backend = "torch"
+        reference = model(ids).logits
+        model.config.kernel_backend = "auto"
+        assert torch.equal(model(ids).logits, reference)
+        model.config.kernel_backend = "triton"
+        with pytest.raises(ValueError, match=r"kernel_backend='triton'.*use_delta_rule"):
+            model(ids)
+
+
 def test_gradient_checkpointing_matches_plain_backward():
     model = make_model(short_conv_size=4, decay_granularity="vector", attention_layers=[1]).train()
     ids = torch.randint(3, VOCAB, (2, 20))

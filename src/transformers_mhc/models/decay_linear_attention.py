@@ -476,14 +476,18 @@ class DecayLinearAttention(nn.Module):
             log_decay = log_decay * (keep[..., None] if log_decay.dim() == 4 else keep)
 
         # 5. Linear attention: recurrence for single-token decoding, chunked form otherwise.
-        op_kwargs = dict(initial_state=state, output_final_state=cache is not None)
+        # (the delta rule has no Triton kernel: `kernel_backend="triton"` makes its ops raise, "auto" runs torch)
+        op_kwargs = dict(
+            initial_state=state,
+            output_final_state=cache is not None,
+            kernel_backend=self.config.kernel_backend,
+        )
         if self.use_delta_rule:
             op = recurrent_delta_rule_decay if length == 1 else chunk_delta_rule_decay
             op_args = (query_states, key_states, value_states, beta, log_decay)
-        else:  # (the delta rule has no Triton kernel: it always runs the torch path)
+        else:
             op = recurrent_decay_linear_attn if length == 1 else chunk_decay_linear_attn
             op_args = (query_states, key_states, value_states, log_decay)
-            op_kwargs["kernel_backend"] = self.config.kernel_backend
         if length > 1:
             op_kwargs["chunk_size"] = self.chunk_size
         attn_output, state = op(*op_args, **op_kwargs)

@@ -528,8 +528,11 @@ def naive_delta_rule_decay(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    kernel_backend: str = "torch",
 ) -> tuple[Tensor, Tensor | None]:
-    """Reference for tests only: `S_t = (I - beta_t k_t k_t^T) diag(lambda_t) S_{t-1} + k_t v_t^T` in float64."""
+    """Reference for tests only: `S_t = (I - beta_t k_t k_t^T) diag(lambda_t) S_{t-1} + k_t v_t^T` in float64.
+
+    `kernel_backend` is accepted and ignored, as in `naive_decay_linear_attn`, so it can stand in inside a model."""
     vector = _check_inputs(q, k, v, log_decay)
     batch, heads, length, dk = q.shape
     state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=torch.float64, device=q.device)
