@@ -61,10 +61,10 @@ def _tol(dtype: torch.dtype) -> dict:
 
 
 # The coefficient kernel on 16-bit streams: its tensor-core matmuls take the fp32 weights and gradients as two
-# 16-bit terms (`mhc_coefficients._dot`), ~2^-17 relative per term instead of fp32's 2^-24 (2^-15 under the
-# interpreter, which truncates the split), so its fp32 outputs and gradients get this tolerance. A plain bf16 cast
-# of the weights (2^-9 per term) fails it.
-SPLIT16_TOL = {"rtol": 2e-4, "atol": 2e-4}
+# 16-bit terms (`mhc_coefficients._dot`): ~2^-17 relative per term on a GPU, 2^-15 under the interpreter (which
+# truncates the split), summed over up to hundreds of terms (dphi sums over tokens), so its fp32 outputs and
+# gradients get this tolerance. A plain bf16 cast of the weights (2^-9 per term) is off by ~1e-2 here.
+SPLIT16_TOL = {"rtol": 1e-3, "atol": 1e-3}
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
