@@ -46,11 +46,11 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 # Input dtypes and the pointer type they compile with: "tf32" is fp32 inputs with TF32 matrix products (the decay
-# chunk kernels under `torch.set_float32_matmul_precision("high")`; the mHC kernels have no such variant).
+# chunk kernels under `torch.set_float32_matmul_precision("high")`; the mHC kernels' fp32 jobs include their TF32
+# variants already, so they are not compiled again for "tf32").
 TL_DTYPE_NAMES = {"bf16": "bf16", "fp32": "fp32", "tf32": "fp32"}
-# Pointers that carry the model dtype; every other pointer is fp32 (decay, states, coefficients, ...).
+# The decay kernels' pointers that carry the model dtype; every other pointer is fp32 (decay, states, ...).
 DECAY_TYPED = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-MHC_TYPED = {"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"}
 PTXAS_INFO = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 
@@ -135,30 +135,21 @@ def _autotuned(kernel, constexprs: dict, fits, dtype) -> list[tuple]:
     ]
 
 
-def _mhc_jobs(n: int):
-    """The mHC kernels with the blocks their wrappers pick for many tokens and a hidden size of 4096."""
-    from transformers_mhc.kernels import mhc_coefficients as co
-    from transformers_mhc.kernels import mhc_mix as mx
-    from transformers_mhc.kernels import mhc_sinkhorn as sk
+def _mhc_jobs(n: int, dtype: str):
+    """Every mHC kernel variant its launchers compile for `n` streams of `dtype` (`kernels.mhc.compile_jobs`: many
+    tokens, hidden size 4096; training and decode tiles, split-K, each matmul precision)."""
+    import torch
 
-    np2 = triton.next_power_of_2(n)
-    width = n * n + 2 * n
-    mp = max(16, triton.next_power_of_2(width))
-    _, block_b, _ = sk._launch_config(10**6, n)
-    bt1, bc1 = mx._blocks(10**6, 4096, 1)
-    btn, bcn = mx._blocks(10**6, 4096, np2)
-    coefficients = dict(N=n, M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp))
-    return [
-        (sk._sinkhorn_fwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), {}),
-        (sk._sinkhorn_bwd_kernel, dict(N=n, NP=np2, BLOCK_B=block_b), {}),
-        (co._coefficients_fwd_kernel, coefficients, {}),
-        (co._coefficients_bwd_x_kernel, coefficients, {}),
-        (co._coefficients_bwd_phi_kernel, dict(M=width, MP=mp, BLOCK_T=16, BLOCK_K=co._block_k(mp)), {}),
-        (mx._pre_mix_fwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), {}),
-        (mx._pre_mix_bwd_kernel, dict(N=n, BLOCK_T=bt1, BLOCK_C=bc1), {}),
-        (mx._res_post_mix_fwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), {}),
-        (mx._res_post_mix_bwd_kernel, dict(N=n, NP=np2, BLOCK_T=btn, BLOCK_C=bcn), {}),
-    ]
+    from transformers_mhc.kernels.mhc import compile_jobs
+
+    return compile_jobs(n, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+
+
+def _mhc_stream_pointers() -> frozenset[str]:
+    """The mHC kernels' pointers that carry the model dtype (the others are fp32)."""
+    from transformers_mhc.kernels.mhc import STREAM_POINTERS
+
+    return STREAM_POINTERS
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -227,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs += [(meta, job, DECAY_TYPED) for job in _decay_jobs(head_dim, vector, dtype)]
         if not args.skip_mhc and dtype != "tf32":
             meta = {"family": "mhc", "dtype": dtype, "streams": args.streams}
-            jobs += [(meta, job, MHC_TYPED) for job in _mhc_jobs(args.streams)]
+            jobs += [(meta, job, _mhc_stream_pointers()) for job in _mhc_jobs(args.streams, dtype)]
 
     if args.kernels:
         jobs = [job for job in jobs if _jit_function(job[1][0]).fn.__name__ in args.kernels]
@@ -236,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for meta, (fn, constexprs, options), typed in jobs:
         launch = ", ".join(
-            [f"{key}={constexprs[key]}" for key in ("BV",) if key in constexprs]
+            [
+                f"{key}={constexprs[key]}"
+                for key in ("BV", "BLOCK_T", "BLOCK_C", "DOT_PRECISION", "SPLIT")
+                if key in constexprs
+            ]
             + [f"{key}={value}" for key, value in options.items()]
         )
         row = {"kernel": _jit_function(fn).fn.__name__, **meta, "launch": launch}
