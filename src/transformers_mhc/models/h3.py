@@ -108,6 +108,17 @@ def h3_final_state(
     return state
 
 
+def initial_state_readout(
+    q: torch.Tensor, a_bar: torch.Tensor, c_b: torch.Tensor, initial_state: torch.Tensor
+) -> torch.Tensor:
+    """What a state carried in from earlier tokens adds to every output: it decays into position `t` as
+    `y_t[j] += 2 Re Σ_{i,n} q_t[i] (C b̄)[i, n] ā[i, n]^(t+1) S0[i, j, n]` (`[B, H, T, Dv]`, fp32)."""
+    read_out = c_b[..., None] * mode_powers(a_bar, torch.arange(1, q.shape[2] + 1))  # [Dk, N/2, T]
+    return (
+        2 * torch.einsum("bhti,int,bhijn->bhtj", q.float().to(read_out.dtype), read_out, initial_state).real
+    )
+
+
 def h3_fft_conv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,11 +143,9 @@ def h3_fft_conv(
     kernel_f = torch.fft.rfft(kernel, n=n_fft, dim=-1).transpose(0, 1)[:, :, None]  # [F, Dk, 1]
     mixed = torch.fft.irfft(kv_f * kernel_f, n=n_fft, dim=2)[:, :, :length]
     mixed = mixed + skip.float()[:, None] * kv
-    if initial_state is not None:
-        # The initial state decays into every position: 2 Re Σ_n C b̄ ā^(t+1) S0.
-        powers = mode_powers(a_bar, torch.arange(1, length + 1))  # [Dk, N/2, T]
-        mixed = mixed + 2 * torch.einsum("dn,dnt,bhden->bhtde", c_b, powers, initial_state).real
     y = torch.einsum("bhti,bhtij->bhtj", q.float(), mixed)
+    if initial_state is not None:
+        y = y + initial_state_readout(q, a_bar, c_b, initial_state)
     final_state = h3_final_state(k, v, a_bar, initial_state) if output_final_state else None
     return y, final_state
 
@@ -207,9 +216,7 @@ def h3_quadratic(
     scores = LaggedScores.apply(q.flatten(0, 1), k.flatten(0, 1), lagged).view(*q.shape[:3], length)
     y = scores @ v
     if initial_state is not None:
-        # The initial state decays into every position: 2 Re Σ_{i,n} q_t[i] C b̄ ā^(t+1) S0[i, j, n].
-        read_out = c_b[..., None] * mode_powers(a_bar, torch.arange(1, length + 1))  # [Dk, N/2, T]
-        y = y + 2 * torch.einsum("bhti,int,bhijn->bhtj", q.to(read_out.dtype), read_out, initial_state).real
+        y = y + initial_state_readout(q, a_bar, c_b, initial_state)
     final_state = h3_final_state(k, v, a_bar, initial_state) if output_final_state else None
     return y, final_state
 
