@@ -48,6 +48,10 @@ from pathlib import Path
 
 import torch
 
+# The interpreter flag is read when the kernels are imported, and the imports below reach them: decide first.
+if "--cpu" in sys.argv[1:] or not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 sys.path.insert(
     0, str(Path(__file__).resolve().parent)
 )  # run as a script or imported: its sibling benchmarks
@@ -401,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cpu = args.cpu or not torch.cuda.is_available()
-    if cpu:  # read when the kernels are decorated: before anything imports them
-        os.environ["TRITON_INTERPRET"] = "1"
+    if cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error(
+            "--cpu needs TRITON_INTERPRET=1 before the kernels are imported (run this file as a script)"
+        )
     from transformers_mhc.outputs import fresh_path
 
     output = fresh_path(args.output, overwrite=args.overwrite)
