@@ -57,7 +57,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .decay_autotune import AUTOTUNE_KEY, candidates, pruner
 from .runtime import INTERPRETED, device_guard, dot_precision
@@ -901,9 +900,13 @@ def _matmul_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_size: int) -> _Geometry:
+def check_chunk_size(chunk_size: int) -> None:
     if chunk_size < SUB_CHUNK or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= {SUB_CHUNK}; got {chunk_size}")
+
+
+def _geometry(q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, chunk_size: int) -> _Geometry:
+    check_chunk_size(chunk_size)
     B, H, T, K = q.shape
     V = v.shape[-1]
     vector = log_decay.dim() == 4
@@ -947,32 +950,57 @@ def _chunk_states(
     g: torch.Tensor,
     initial_state: torch.Tensor | None,
     geo: _Geometry,
-    output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """States at every chunk start ``[B, H, NT, Dk, Dv]`` and, if asked, the final state."""
+    final_state: torch.Tensor | None,
+) -> torch.Tensor:
+    """States at every chunk start ``[B, H, NT, Dk, Dv]``; the state after the last token goes to ``final_state``
+    when given (``[B, H, Dk, Dv]`` fp32)."""
     h = torch.empty(geo.B, geo.H, geo.NT, geo.K, geo.V, device=k.device, dtype=torch.float32)
-    ht = (
-        torch.empty(geo.B, geo.H, geo.K, geo.V, device=k.device, dtype=torch.float32)
-        if output_final_state
-        else None
-    )
     _chunk_state_fwd_kernel[lambda meta: (geo.value_blocks(meta), geo.NK, geo.BH)](
         k,
         v,
         g,
         initial_state if initial_state is not None else h,
         h,
-        ht if ht is not None else h,
+        final_state if final_state is not None else h,
         geo.T,
         geo.NT,
         BT=geo.BT,
         HAS_H0=initial_state is not None,
-        STORE_HT=ht is not None,
+        STORE_HT=final_state is not None,
         **geo.meta(),
     )
-    return h, ht
+    return h
 
 
+# ----------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------
+# The kernels run inside `torch.library.custom_op`s, so torch.compile and selective activation checkpointing (SAC)
+# see each launch as one opaque op whose outputs are fresh tensors (`register_fake` gives their shapes): they can
+# trace it, save its outputs or recompute it, which they could not do through a `torch.autograd.Function`. Ops cannot
+# return None, so an output the caller did not ask for (final state, initial-state gradient) is an empty tensor that
+# the wrappers turn back into None. The kernels index row-major memory: the public wrappers pass contiguous tensors
+# (so the backward saves those), and each op body makes sure again for direct callers of `torch.ops.transformers_mhc`.
+
+
+def make_contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each tensor contiguous (itself when it already is); None stays None."""
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """Stands for a None output: an empty fp32 tensor on ``like``'s device."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def final_state_buffer(q: torch.Tensor, v: torch.Tensor, output_final_state: bool) -> torch.Tensor:
+    """The final state's buffer ``[B, H, Dk, Dv]`` fp32, or ``_absent`` when the caller did not ask for it."""
+    if not output_final_state:
+        return _absent(q)
+    return q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("transformers_mhc::chunk_decay_fwd", mutates_args=())
 def chunk_decay_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -982,19 +1010,29 @@ def chunk_decay_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward pass on contiguous inputs: ``(o, final_state or None)``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked forward: ``(o, final_state)``, the final state empty unless ``output_final_state``."""
+    q, k, v, log_decay, initial_state = make_contiguous(q, k, v, log_decay, initial_state)
     geo = _geometry(q, v, log_decay, chunk_size)
-    g = _chunk_cumsum(log_decay, geo)
-    h, ht = _chunk_states(k, v, g, initial_state, geo, output_final_state)
-    o = torch.empty_like(v, dtype=q.dtype)
-    n_row_blocks = geo.NT * (geo.BT // geo.BR)
-    _chunk_output_fwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
-        q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta()
-    )
+    o = q.new_empty(v.shape)
+    ht = final_state_buffer(q, v, output_final_state)
+    with device_guard(q):
+        g = _chunk_cumsum(log_decay, geo)
+        h = _chunk_states(k, v, g, initial_state, geo, ht if output_final_state else None)
+        n_row_blocks = geo.NT * (geo.BT // geo.BR)
+        _chunk_output_fwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
+            q, k, v, g, h, o, scale, geo.T, geo.NT, **geo.row_meta()
+        )
     return o, ht
 
 
+@chunk_decay_fwd.register_fake
+def _(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size):
+    """The outputs' shapes, dtypes and devices, for tracing (torch.compile, SAC, meta tensors)."""
+    return q.new_empty(v.shape), final_state_buffer(q, v, output_final_state)
+
+
+@torch.library.custom_op("transformers_mhc::chunk_decay_bwd", mutates_args=())
 def chunk_decay_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1005,105 +1043,126 @@ def chunk_decay_bwd(
     do: torch.Tensor,
     dht: torch.Tensor | None,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(dq, dk, dv, dlog_decay, dinitial_state or None)`` on contiguous inputs.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dlog_decay, dinitial_state)``, the last empty without an initial state, from ``do``
+    (``q.dtype``) and ``dht`` (fp32, or None when no gradient reaches the final state).
 
     Exact gradients of the recurrence, so they also serve the fused recurrent kernel.
     """
+    q, k, v, log_decay, initial_state, do, dht = make_contiguous(q, k, v, log_decay, initial_state, do, dht)
     geo = _geometry(q, v, log_decay, chunk_size)
-    g = _chunk_cumsum(log_decay, geo)
-    h, _ = _chunk_states(k, v, g, initial_state, geo, output_final_state=False)
+    with device_guard(q):
+        g = _chunk_cumsum(log_decay, geo)
+        h = _chunk_states(k, v, g, initial_state, geo, final_state=None)
 
-    dh = torch.empty_like(h)
-    dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    _chunk_state_bwd_kernel[lambda meta: (geo.value_blocks(meta), geo.NK, geo.BH)](
-        q,
-        do,
-        g,
-        dht if dht is not None else dh,
-        dh,
-        dh0 if dh0 is not None else dh,
-        scale,
-        geo.T,
-        geo.NT,
-        BT=geo.BT,
-        HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None,
-        **geo.meta(),
-    )
+        dh = torch.empty_like(h)
+        dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
+        _chunk_state_bwd_kernel[lambda meta: (geo.value_blocks(meta), geo.NK, geo.BH)](
+            q,
+            do,
+            g,
+            dht if dht is not None else dh,
+            dh,
+            dh0 if dh0 is not None else dh,
+            scale,
+            geo.T,
+            geo.NT,
+            BT=geo.BT,
+            HAS_DHT=dht is not None,
+            STORE_DH0=dh0 is not None,
+            **geo.meta(),
+        )
 
-    n_row_blocks = geo.NT * (geo.BT // geo.BR)
-    dv = torch.empty_like(v)
-    _chunk_dv_bwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
-        q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.dv_meta()
-    )
+        n_row_blocks = geo.NT * (geo.BT // geo.BR)
+        dv = torch.empty_like(v)
+        _chunk_dv_bwd_kernel[(n_row_blocks, geo.NV, geo.BH)](
+            q, k, do, g, dh, dv, scale, geo.T, geo.NT, **geo.dv_meta()
+        )
 
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    # Scalar decay: one slice of channel sums per key block, added up here.
-    w = torch.empty((1 if geo.vector else geo.NK, *g.shape), device=g.device, dtype=g.dtype)
-    x = torch.empty_like(w)
-    _chunk_dqk_bwd_kernel[(n_row_blocks, geo.NK, geo.BH)](
-        q,
-        k,
-        v,
-        do,
-        g,
-        h,
-        dh,
-        dq,
-        dk,
-        w,
-        x,
-        scale,
-        geo.T,
-        geo.NT,
-        BT=geo.BT,
-        BR=geo.BR,
-        VECTOR=geo.vector,
-        **geo.dqk_meta(),
-    )
-    w, x = w.sum(0), x.sum(0)
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        # Scalar decay: one slice of channel sums per key block, added up here.
+        w = torch.empty((1 if geo.vector else geo.NK, *g.shape), device=g.device, dtype=g.dtype)
+        x = torch.empty_like(w)
+        _chunk_dqk_bwd_kernel[(n_row_blocks, geo.NK, geo.BH)](
+            q,
+            k,
+            v,
+            do,
+            g,
+            h,
+            dh,
+            dq,
+            dk,
+            w,
+            x,
+            scale,
+            geo.T,
+            geo.NT,
+            BT=geo.BT,
+            BR=geo.BR,
+            VECTOR=geo.vector,
+            **geo.dqk_meta(),
+        )
+        w, x = w.sum(0), x.sum(0)
 
-    dlog_decay = torch.empty_like(log_decay)
-    _chunk_dlog_decay_bwd_kernel[(geo.NT, geo.BH)](
-        g, h, dh, w, x, dlog_decay, geo.T, geo.NT, BT=geo.BT, NV=geo.NV, VECTOR=geo.vector, **geo.meta(False)
-    )
-    if dh0 is not None:
-        dh0 = dh0.to(initial_state.dtype)
+        dlog_decay = torch.empty_like(log_decay)
+        dlog_meta = {"BT": geo.BT, "NV": geo.NV, "VECTOR": geo.vector, **geo.meta(False)}
+        _chunk_dlog_decay_bwd_kernel[(geo.NT, geo.BH)](g, h, dh, w, x, dlog_decay, geo.T, geo.NT, **dlog_meta)
+    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else _absent(q)
     return dq, dk, dv, dlog_decay, dh0
 
 
-class ChunkDecayLinearAttnFunction(torch.autograd.Function):
-    """Autograd wrapper: Triton forward, Triton backward (states recomputed, not saved).
+@chunk_decay_bwd.register_fake
+def _(q, k, v, log_decay, scale, initial_state, do, dht, chunk_size):
+    """The gradients' shapes, dtypes and devices, for tracing."""
+    dh0 = initial_state.new_empty(initial_state.shape) if initial_state is not None else _absent(q)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        log_decay.new_empty(log_decay.shape),
+        dh0,
+    )
 
-    Launches run under the inputs' device (`device_guard`): Triton launches on the current device, so inputs on
-    `cuda:1` with `cuda:0` current (`device_map="auto"`) would otherwise be read from the wrong GPU.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size):
-        q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
-        if initial_state is not None:
-            initial_state = initial_state.contiguous()
-        with device_guard(q):
-            o, ht = chunk_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state)
-        ctx.scale = scale
-        ctx.chunk_size = chunk_size
-        return o, ht
+def save_decay_inputs(ctx, inputs: tuple, output_final_state: bool, chunk_size: int) -> None:
+    """``setup_context`` shared by the decay ops, whose inputs start ``(q, k, v, log_decay, scale, initial_state)``:
+    the backward recomputes the states from the inputs, so only they are saved."""
+    q, k, v, log_decay, scale, initial_state = inputs[:6]
+    ctx.save_for_backward(q, k, v, log_decay, initial_state)
+    ctx.scale = scale
+    ctx.output_final_state = output_final_state
+    ctx.chunk_size = chunk_size
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, do, dht):
-        q, k, v, log_decay, initial_state = ctx.saved_tensors
-        do = do.to(q.dtype).contiguous()
-        dht = dht.float().contiguous() if dht is not None else None
-        with device_guard(q):
-            dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
-                q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size
-            )
-        return dq, dk, dv, dlog_decay, None, dh0, None, None
+
+def decay_backward(ctx, do: torch.Tensor | None, dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(dq, dk, dv, dlog_decay, dinitial_state or None)`` through ``chunk_decay_bwd``, from the
+    gradients of ``(o, final_state)``; either may come as None or zeros when the loss does not use it."""
+    q, k, v, log_decay, initial_state = ctx.saved_tensors
+    # `sum().backward()` hands stride-0 expanded gradients: the kernels index row-major memory.
+    do = do.to(q.dtype).contiguous() if do is not None else q.new_zeros(v.shape)
+    # A final state the caller did not ask for was an empty placeholder: its gradient is nothing.
+    dht = dht.float().contiguous() if ctx.output_final_state and dht is not None else None
+    dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
+        q, k, v, log_decay, ctx.scale, initial_state, do, dht, ctx.chunk_size
+    )
+    return dq, dk, dv, dlog_decay, dh0 if initial_state is not None else None
+
+
+def _chunk_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    output_final_state, chunk_size = inputs[6:]
+    save_decay_inputs(ctx, inputs, output_final_state, chunk_size)
+
+
+def _chunk_autograd_backward(
+    ctx, do: torch.Tensor | None, dht: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    dq, dk, dv, dlog_decay, dh0 = decay_backward(ctx, do, dht)
+    return dq, dk, dv, dlog_decay, None, dh0, None, None
+
+
+chunk_decay_fwd.register_autograd(_chunk_autograd_backward, setup_context=_chunk_setup_context)
 
 
 def chunk_decay_linear_attn_triton(
@@ -1116,7 +1175,7 @@ def chunk_decay_linear_attn_triton(
     output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked linear attention with decay, Triton forward and backward.
+    """Chunked linear attention with decay, Triton forward and backward (op ``transformers_mhc::chunk_decay_fwd``).
 
     ``S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T``, ``o_t = scale * q_t^T S_t``.
 
@@ -1135,6 +1194,10 @@ def chunk_decay_linear_attn_triton(
         ``[B, H, Dk, Dv]`` fp32, or ``None`` unless ``output_final_state``.
     """
     check_decay_inputs(q, k, v, log_decay, initial_state)
-    return ChunkDecayLinearAttnFunction.apply(
-        q, k, v, log_decay, float(scale), initial_state, output_final_state, int(chunk_size)
+    check_chunk_size(chunk_size)
+    # Contiguous here rather than only inside the op, so the backward saves (and reuses) the contiguous copies.
+    q, k, v, log_decay, initial_state = make_contiguous(q, k, v, log_decay, initial_state)
+    o, ht = chunk_decay_fwd(
+        q, k, v, log_decay, float(scale), initial_state, bool(output_final_state), int(chunk_size)
     )
+    return o, ht if output_final_state else None

@@ -20,10 +20,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .decay_autotune import AUTOTUNE_KEY, candidates, pruner
-from .decay_chunk import check_decay_inputs, chunk_decay_bwd
+from .decay_chunk import (
+    check_decay_inputs,
+    decay_backward,
+    final_state_buffer,
+    make_contiguous,
+    save_decay_inputs,
+)
 from .runtime import device_guard
 
 # fp32 state elements one thread may hold: 64 (a [256, 16] tile on 2 warps, [256, 32] on 4, [256, 64] on 8) uses
@@ -95,6 +100,7 @@ def _fused_recurrent_fwd_kernel(
         tl.store(ht_ptr + s_offs, b_h, mask=s_mask)
 
 
+@torch.library.custom_op("transformers_mhc::fused_recurrent_decay_fwd", mutates_args=())
 def fused_recurrent_decay_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,61 +109,62 @@ def fused_recurrent_decay_fwd(
     scale: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward pass on contiguous inputs: ``(o, final_state or None)``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recurrent forward: ``(o, final_state)``, the final state empty unless ``output_final_state``. Its backward
+    is ``transformers_mhc::chunk_decay_bwd`` (see ``decay_chunk``'s custom ops)."""
+    q, k, v, log_decay, initial_state = make_contiguous(q, k, v, log_decay, initial_state)
     B, H, T, K = q.shape
     V = v.shape[-1]
     vector = log_decay.dim() == 4
     BK = triton.next_power_of_2(K)
-    o = torch.empty_like(v, dtype=q.dtype)
-    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    o = q.new_empty(v.shape)
+    ht = final_state_buffer(q, v, output_final_state)
     # Pure stores (no accumulation into o or ht), so the autotuner may run the kernel several times.
-    _fused_recurrent_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), B * H)](
-        q,
-        k,
-        v,
-        log_decay,
-        initial_state if initial_state is not None else o,
-        o,
-        ht if ht is not None else o,
-        scale,
-        T,
-        K=K,
-        V=V,
-        GK=K if vector else 1,
-        BK=BK,
-        GBK=BK if vector else 1,
-        HAS_H0=initial_state is not None,
-        STORE_HT=ht is not None,
-    )
+    with device_guard(q):
+        _fused_recurrent_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), B * H)](
+            q,
+            k,
+            v,
+            log_decay,
+            initial_state if initial_state is not None else o,
+            o,
+            ht if output_final_state else o,
+            scale,
+            T,
+            K=K,
+            V=V,
+            GK=K if vector else 1,
+            BK=BK,
+            GBK=BK if vector else 1,
+            HAS_H0=initial_state is not None,
+            STORE_HT=output_final_state,
+        )
     return o, ht
 
 
-class FusedRecurrentDecayFunction(torch.autograd.Function):
-    """Recurrent Triton forward; backward through the chunked Triton kernels (same function, exact)."""
+@fused_recurrent_decay_fwd.register_fake
+def _(q, k, v, log_decay, scale, initial_state, output_final_state):
+    """The outputs' shapes, dtypes and devices, for tracing."""
+    return q.new_empty(v.shape), final_state_buffer(q, v, output_final_state)
 
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state):
-        q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
-        if initial_state is not None:
-            initial_state = initial_state.contiguous()
-        with device_guard(q):  # Triton launches on the current device (see `ChunkDecayLinearAttnFunction`)
-            o, ht = fused_recurrent_decay_fwd(q, k, v, log_decay, scale, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state)
-        ctx.scale = scale
-        return o, ht
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, do, dht):
-        q, k, v, log_decay, initial_state = ctx.saved_tensors
-        do = do.to(q.dtype).contiguous()
-        dht = dht.float().contiguous() if dht is not None else None
-        with device_guard(q):
-            dq, dk, dv, dlog_decay, dh0 = chunk_decay_bwd(
-                q, k, v, log_decay, ctx.scale, initial_state, do, dht, chunk_size=64
-            )
-        return dq, dk, dv, dlog_decay, None, dh0, None
+# The gradient of the recurrence does not depend on how the forward walked it: the chunked backward kernels, with
+# chunks of this many rows, give it exactly.
+BACKWARD_CHUNK_SIZE = 64
+
+
+def _recurrent_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    save_decay_inputs(ctx, inputs, output_final_state=inputs[6], chunk_size=BACKWARD_CHUNK_SIZE)
+
+
+def _recurrent_backward(
+    ctx, do: torch.Tensor | None, dht: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    dq, dk, dv, dlog_decay, dh0 = decay_backward(ctx, do, dht)
+    return dq, dk, dv, dlog_decay, None, dh0, None
+
+
+fused_recurrent_decay_fwd.register_autograd(_recurrent_backward, setup_context=_recurrent_setup_context)
 
 
 def fused_recurrent_decay_triton(
@@ -169,7 +176,8 @@ def fused_recurrent_decay_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token linear attention with decay in one Triton kernel (decoding; any ``T``).
+    """Token-by-token linear attention with decay in one Triton kernel (decoding; any ``T``; op
+    ``transformers_mhc::fused_recurrent_decay_fwd``).
 
     Same arguments, shapes and results as ``chunk_decay_linear_attn_triton`` (without ``chunk_size``):
     ``q, k`` ``[B, H, T, Dk]``, ``v`` ``[B, H, T, Dv]``, ``log_decay`` ``[B, H, T]`` or ``[B, H, T, Dk]``
@@ -178,6 +186,8 @@ def fused_recurrent_decay_triton(
     Differentiable: the backward runs the chunked Triton backward kernels.
     """
     check_decay_inputs(q, k, v, log_decay, initial_state)
-    return FusedRecurrentDecayFunction.apply(
-        q, k, v, log_decay, float(scale), initial_state, output_final_state
+    q, k, v, log_decay, initial_state = make_contiguous(q, k, v, log_decay, initial_state)
+    o, ht = fused_recurrent_decay_fwd(
+        q, k, v, log_decay, float(scale), initial_state, bool(output_final_state)
     )
+    return o, ht if output_final_state else None

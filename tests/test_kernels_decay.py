@@ -410,3 +410,125 @@ def test_kernels_compile_for_cuda():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled") == 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels as torch custom ops: opcheck, torch.compile, selective activation checkpointing
+# ----------------------------------------------------------------------------------------------------
+OPS = torch.ops.transformers_mhc
+
+
+def _op_inputs(vector, with_state, requires_grad=True):
+    """Small fp32 leaves for the ops: q, k, v, log_decay and the initial state (or None)."""
+    q, k, v, log_decay, h0 = _inputs(1, 2, 20, 16, 24, vector)
+    leaves = [t.clone().requires_grad_(requires_grad) for t in (q, k, v, log_decay)]
+    return (*leaves, h0.clone().requires_grad_(requires_grad) if with_state else None)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("op", ["chunk_decay_fwd", "fused_recurrent_decay_fwd"])
+def test_forward_ops_opcheck(op, vector, with_state):
+    """Schema, autograd registration, fake tensors and AOT dispatch (forward and backward) of the forward ops."""
+    q, k, v, log_decay, h0 = _op_inputs(vector, with_state)
+    extra = (16,) if op == "chunk_decay_fwd" else ()  # chunk_size
+    torch.library.opcheck(getattr(OPS, op), (q, k, v, log_decay, SCALE, h0, with_state, *extra))
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+def test_backward_op_opcheck(vector, with_state):
+    """The backward op, with and without an initial state and a final-state gradient (it has no autograd)."""
+    q, k, v, log_decay, h0 = _op_inputs(vector, with_state, requires_grad=False)
+    do = torch.randn_like(v)
+    dht = torch.randn(1, 2, 16, 24, device=KERNEL_DEVICE) if with_state else None
+    torch.library.opcheck(OPS.chunk_decay_bwd, (q, k, v, log_decay, SCALE, h0, do, dht, 16))
+
+
+def _loss_and_grads(fn, leaves, **kwargs):
+    """Output, final state and gradients for the loss sum(o) + sum(final_state): `sum` hands the backward stride-0
+    expanded gradients."""
+    q, k, v, log_decay, h0 = (t.detach().clone().requires_grad_() if t is not None else None for t in leaves)
+    o, ht = fn(q, k, v, log_decay, SCALE, h0, True, **kwargs)
+    (o.sum() + ht.sum()).backward()
+    return o.detach(), ht.detach(), [t.grad for t in (q, k, v, log_decay, h0) if t is not None]
+
+
+def _assert_same(got, expected):
+    o, ht, grads = got
+    o_ref, ht_ref, grads_ref = expected
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(ht, ht_ref)
+    assert len(grads) == len(grads_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+DECAY_FUNCTIONS = [
+    pytest.param(chunk_decay_linear_attn_triton, {"chunk_size": 16}, id="chunk"),
+    pytest.param(fused_recurrent_decay_triton, {}, id="recurrent"),
+]
+
+
+def test_sum_loss_matches_naive():
+    """Stride-0 gradients from `sum()` reach the kernels as contiguous memory: the gradients match the reference."""
+    leaves = _op_inputs(vector=True, with_state=True)
+    got = _loss_and_grads(chunk_decay_linear_attn_triton, leaves, chunk_size=16)
+    ref = _loss_and_grads(naive_decay_linear_attn, [t.double() for t in leaves])
+    for x, r in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        assert _max_rel(x, r) <= FP32_TOL
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize(("fn", "kwargs"), DECAY_FUNCTIONS)
+def test_compile_fullgraph_aot_eager(fn, kwargs, vector):
+    """torch.compile sees each kernel as one op (no graph break): same outputs and gradients as eager."""
+    torch.compiler.reset()
+    leaves = _op_inputs(vector, with_state=True)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    _assert_same(_loss_and_grads(compiled, leaves, **kwargs), _loss_and_grads(fn, leaves, **kwargs))
+
+
+def test_compile_fullgraph_inductor():
+    """Inductor compiles the torch code around the op (here a projection of q and a sigmoid gate)."""
+    torch.compiler.reset()
+
+    def layer(q, k, v, log_decay, scale, h0, output_final_state, chunk_size):
+        gate = torch.nn.functional.logsigmoid(log_decay)
+        return chunk_decay_linear_attn_triton(
+            q * 2 - 1, k, v, gate, scale, h0, output_final_state, chunk_size
+        )
+
+    leaves = _op_inputs(vector=False, with_state=True)
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+    _assert_same(
+        _loss_and_grads(compiled, leaves, chunk_size=16), _loss_and_grads(layer, leaves, chunk_size=16)
+    )
+
+
+def _save_decay_outputs(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the decay ops' outputs, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    decay_ops = (OPS.chunk_decay_fwd.default, OPS.fused_recurrent_decay_fwd.default)
+    return CheckpointPolicy.MUST_SAVE if op in decay_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize(("fn", "kwargs"), DECAY_FUNCTIONS)
+def test_selective_activation_checkpointing(fn, kwargs):
+    """Selective checkpointing that saves the ops' outputs (the kernels write only into their own fresh outputs,
+    so nothing SAC cached is mutated) gives the gradients of the plain run."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    def layer(q, k, v, log_decay, scale, h0, output_final_state, **kw):
+        o, ht = fn(q.sin(), k, v, log_decay * 0.5, scale, h0, output_final_state, **kw)
+        return o * 2, ht
+
+    def checkpointed(*args, **kw):
+        context_fn = partial(create_selective_checkpoint_contexts, _save_decay_outputs)
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=context_fn, **kw)
+
+    leaves = _op_inputs(vector=True, with_state=True)
+    _assert_same(_loss_and_grads(checkpointed, leaves, **kwargs), _loss_and_grads(layer, leaves, **kwargs))
