@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Triton kernels of Manifold-Constrained Hyper-Connections (mHC paper §5), each with an autograd Function.
+"""Triton kernels of Manifold-Constrained Hyper-Connections (mHC paper §5), registered as torch custom ops.
 
 `transformers_mhc.models.mhc_ops` holds the pure-PyTorch references with the same signatures and dispatches to
 these as `kernel_backend` says (see `use_triton_kernels` there):
@@ -23,7 +23,10 @@ these as `kernel_backend` says (see `use_triton_kernels` there):
 - `hc_pre_mix_triton(h_pre, x)`: `Σ_j h_pre_j x_j` (`mhc_mix.py`)
 - `hc_res_post_mix_triton(h_res, x, h_post, f)`: `h_res · x + h_postᵀ · f` in one pass (`mhc_mix.py`)
 
-Without a GPU they run on CPU tensors only under `TRITON_INTERPRET=1` (set before this module is imported).
+Each launches through a forward and a backward op (`torch.ops.transformers_mhc.<name>_fwd` / `_bwd`, with
+`register_fake` and `register_autograd`), so `torch.compile` traces each launch as one op and selective
+checkpointing can save or recompute its outputs. Without a GPU they run on CPU tensors only under
+`TRITON_INTERPRET=1` (set before this module is imported).
 """
 
 from __future__ import annotations
@@ -31,14 +34,9 @@ from __future__ import annotations
 import torch
 
 from . import mhc_coefficients, mhc_mix, mhc_sinkhorn
-from .mhc_coefficients import MHCCoefficientsTritonFunction, mhc_coefficients_triton
-from .mhc_mix import (
-    HCPreMixTritonFunction,
-    HCResPostMixTritonFunction,
-    hc_pre_mix_triton,
-    hc_res_post_mix_triton,
-)
-from .mhc_sinkhorn import SinkhornKnoppTritonFunction, sinkhorn_knopp_triton
+from .mhc_coefficients import mhc_coefficients_triton
+from .mhc_mix import hc_pre_mix_triton, hc_res_post_mix_triton
+from .mhc_sinkhorn import sinkhorn_knopp_triton
 from .runtime import can_launch_on
 
 
@@ -55,11 +53,7 @@ def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
 STREAM_POINTERS = frozenset({"x_ptr", "f_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr", "grad_f_ptr"})
 
 __all__ = [
-    "HCPreMixTritonFunction",
-    "HCResPostMixTritonFunction",
-    "MHCCoefficientsTritonFunction",
     "STREAM_POINTERS",
-    "SinkhornKnoppTritonFunction",
     "can_launch_on",
     "compile_jobs",
     "hc_pre_mix_triton",

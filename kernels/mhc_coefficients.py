@@ -30,12 +30,13 @@ reduced in a fixed order by a second kernel in the forward; in the backward dx n
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .runtime import INTERPRETED, device_guard, dot_precision
+from .runtime import INTERPRETED, device_guard, dot_precision, sm_count
 
 # tl.dot needs every dimension >= 16.
 _MIN_DOT = 16
@@ -43,8 +44,6 @@ _BLOCK_T = 16
 # Split-K (decode): with fewer token blocks than SMs, the nC reduction is split across programs, each walking at
 # least this many K blocks (fewer would make the partial sums cost more than the walk they save).
 _MIN_BLOCKS_PER_SPLIT = 4
-# Programs to aim for when the device is not a GPU (the interpreter): an H100's SM count.
-_DEFAULT_SM_COUNT = 132
 # Triton 3.9's interpreter multiplies the raw uint16 bits of bf16 `tl.dot` operands (numpy has no bf16).
 _WIDEN_16BIT_DOTS: tl.constexpr = tl.constexpr(INTERPRETED)
 
@@ -53,12 +52,6 @@ def _block_k(mp: int) -> int:
     """K-chunk width: 64, narrowed for n >= 6 to keep the [BLOCK_K, MP] phi tile at 2048 elements: wider, the
     backward (phi and its gradient split into 16-bit pairs) needs ~254 registers at n = 6 and fp32 spills."""
     return max(_MIN_DOT, min(64, 2048 // mp))
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SM_COUNT
 
 
 def _k_split(num_tokens: int, K: int, block_k: int, sm_count: int) -> tuple[int, int]:
@@ -383,93 +376,133 @@ def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
     return jobs + [(_coefficients_fwd_reduce_kernel, _reduce_meta(meta), _launch_options(meta))]
 
 
-class MHCCoefficientsTritonFunction(torch.autograd.Function):
-    """Fused projection + RMS + gates + sigmoids; saves x, φ and the `[N, n²+2n]` normalised projection."""
-
-    @staticmethod
-    def forward(ctx, x, phi, alpha, static_bias, eps: float):
-        width, K = phi.shape
-        n = _num_streams(width)
-        lead = x.shape[:-1]
-        x2 = x.contiguous().view(-1, K)
-        phi_c = phi.contiguous()
-        alpha_c = alpha.contiguous()
-        bias_c = static_bias.contiguous()
-        T = x2.shape[0]
-        dev = x.device
-        pre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        post = torch.empty(T, n, device=dev, dtype=torch.float32)
-        res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
-        proj = torch.empty(T, width, device=dev, dtype=torch.float32)
-        inv_rms = torch.empty(T, device=dev, dtype=torch.float32)
-        meta = _meta(n, x2.dtype)
-        splits, per_split = _k_split(T, K, meta["BLOCK_K"], _sm_count(dev))
-        if T > 0:
-            token_blocks = triton.cdiv(T, _BLOCK_T)
-            # [splits, T, MP] partial projections and [splits, T] partial sums of squares; with one split the
-            # kernel writes none, and gets proj and inv_rms as placeholders (a real allocation, not an empty one).
+# Registered ops (not an autograd.Function), so torch.compile and selective checkpointing take each launch whole.
+# The forward also returns the normalised projection and 1/rms, which only the backward reads.
+@torch.library.custom_op("transformers_mhc::mhc_coefficients_fwd", mutates_args=())
+def mhc_coefficients_fwd(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, static_bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(h_pre [T, n], h_post [T, n], h_res logits [T, n, n], projection [T, n² + 2n], 1/rms [T])` in fp32 from
+    `x [T, nC]`."""
+    width, K = phi.shape
+    n = _num_streams(width)
+    x, phi, alpha, static_bias = (t.contiguous() for t in (x, phi, alpha, static_bias))
+    T = x.shape[0]
+    dev = x.device
+    pre = torch.empty(T, n, device=dev, dtype=torch.float32)
+    post = torch.empty(T, n, device=dev, dtype=torch.float32)
+    res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
+    proj = torch.empty(T, width, device=dev, dtype=torch.float32)
+    inv_rms = torch.empty(T, device=dev, dtype=torch.float32)
+    meta = _meta(n, x.dtype)
+    splits, per_split = _k_split(T, K, meta["BLOCK_K"], sm_count(dev))
+    if T > 0:
+        token_blocks = triton.cdiv(T, _BLOCK_T)
+        # [splits, T, MP] partial projections and [splits, T] partial sums of squares; with one split the kernel
+        # writes none, and gets proj and inv_rms as placeholders (a real allocation, not an empty one).
+        if splits > 1:
+            part_acc = torch.empty(splits, T, meta["MP"], device=dev, dtype=torch.float32)
+            part_ssq = torch.empty(splits, T, device=dev, dtype=torch.float32)
+        else:
+            part_acc, part_ssq = proj, inv_rms
+        outputs = (pre, post, res, proj, inv_rms)
+        with device_guard(x):
+            _coefficients_fwd_kernel[(token_blocks, splits)](
+                x, phi, alpha, static_bias, *outputs, part_acc, part_ssq, T, K, per_split, float(eps),
+                SPLIT=splits > 1, **meta, **_launch_options(meta),
+            )  # fmt: skip
             if splits > 1:
-                part_acc = torch.empty(splits, T, meta["MP"], device=dev, dtype=torch.float32)
-                part_ssq = torch.empty(splits, T, device=dev, dtype=torch.float32)
-            else:
-                part_acc, part_ssq = proj, inv_rms
-            outputs = (pre, post, res, proj, inv_rms)
-            with device_guard(x2):
-                _coefficients_fwd_kernel[(token_blocks, splits)](
-                    x2, phi_c, alpha_c, bias_c, *outputs, part_acc, part_ssq, T, K, per_split, float(eps),
-                    SPLIT=splits > 1, **meta, **_launch_options(meta),
+                _coefficients_fwd_reduce_kernel[(token_blocks,)](
+                    part_acc, part_ssq, alpha, static_bias, *outputs, T, splits, K, float(eps),
+                    **_reduce_meta(meta), **_launch_options(meta),
                 )  # fmt: skip
-                if splits > 1:
-                    _coefficients_fwd_reduce_kernel[(token_blocks,)](
-                        part_acc, part_ssq, alpha_c, bias_c, *outputs, T, splits, K, float(eps),
-                        **_reduce_meta(meta), **_launch_options(meta),
-                    )  # fmt: skip
-        ctx.save_for_backward(x2, phi_c, alpha_c, bias_c, proj, inv_rms)
-        ctx.lead = lead
-        ctx.x_shape = x.shape
-        ctx.meta = meta
-        return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
+    return pre, post, res, proj, inv_rms
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, grad_pre, grad_post, grad_res):
-        x2, phi, alpha, bias, proj, inv_rms = ctx.saved_tensors
-        meta = ctx.meta
-        n, width, mp, block_k = meta["N"], meta["M"], meta["MP"], meta["BLOCK_K"]
-        T, K = x2.shape
-        dev = x2.device
-        blocks = triton.cdiv(T, _BLOCK_T)
-        splits, per_split = _k_split(T, K, block_k, _sm_count(dev))
-        grad_x = torch.empty_like(x2)
-        grad_acc = torch.empty(T, mp, device=dev, dtype=torch.float32)
-        part_bias = torch.zeros(blocks, mp, device=dev, dtype=torch.float32)
-        part_gate = torch.zeros(blocks, mp, device=dev, dtype=torch.float32)
-        # A frozen phi (e.g. PEFT without modules_to_save) skips the reduction over tokens entirely.
-        want_phi = ctx.needs_input_grad[1]
-        grad_phi = torch.zeros_like(phi) if want_phi and T == 0 else None
-        if T > 0:
-            with device_guard(x2):
-                # dx is elementwise in K given the per-token terms, so the splits need no reduction.
-                _coefficients_bwd_x_kernel[(blocks, splits)](
-                    x2, phi, alpha, bias, proj, inv_rms,
-                    grad_pre.float().contiguous(), grad_post.float().contiguous(), grad_res.float().contiguous(),
-                    grad_x, grad_acc, part_bias, part_gate, T, K, per_split, **meta, **_launch_options(meta),
-                )  # fmt: skip
-                if want_phi:
-                    grad_phi = torch.empty_like(phi)
-                    _coefficients_bwd_phi_kernel[(triton.cdiv(K, block_k),)](
-                        x2, grad_acc, grad_phi, T, K, **_phi_meta(meta), **_launch_options(meta)
-                    )
-        dgate = part_gate.sum(0)
-        grad_alpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n : width].sum()])
-        grad_bias = part_bias.sum(0)[:width]
-        return (
-            grad_x.view(ctx.x_shape),
-            grad_phi,
-            grad_alpha.to(alpha.dtype),
-            grad_bias.to(bias.dtype),
-            None,
-        )
+
+@mhc_coefficients_fwd.register_fake
+def _(x, phi, alpha, static_bias, eps):
+    width = phi.shape[0]
+    n = _num_streams(width)
+    T = x.shape[0]
+    new = partial(x.new_empty, dtype=torch.float32)
+    return new(T, n), new(T, n), new(T, n, n), new(T, width), new(T)
+
+
+@torch.library.custom_op("transformers_mhc::mhc_coefficients_bwd", mutates_args=())
+def mhc_coefficients_bwd(
+    x: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    static_bias: torch.Tensor,
+    proj: torch.Tensor,
+    inv_rms: torch.Tensor,
+    grad_pre: torch.Tensor,
+    grad_post: torch.Tensor,
+    grad_res: torch.Tensor,
+    want_phi: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(grad_x, grad_phi, grad_alpha, grad_bias)`; `grad_phi` is empty unless `want_phi` (a frozen phi, e.g. PEFT
+    without `modules_to_save`, skips the reduction over tokens entirely)."""
+    x, phi, alpha, static_bias = (t.contiguous() for t in (x, phi, alpha, static_bias))
+    n = _num_streams(phi.shape[0])
+    meta = _meta(n, x.dtype)
+    width, mp, block_k = meta["M"], meta["MP"], meta["BLOCK_K"]
+    T, K = x.shape
+    dev = x.device
+    blocks = triton.cdiv(T, _BLOCK_T)
+    splits, per_split = _k_split(T, K, block_k, sm_count(dev))
+    grad_x = torch.empty_like(x)
+    grad_acc = torch.empty(T, mp, device=dev, dtype=torch.float32)
+    part_bias = torch.zeros(blocks, mp, device=dev, dtype=torch.float32)
+    part_gate = torch.zeros(blocks, mp, device=dev, dtype=torch.float32)
+    grad_phi = torch.zeros_like(phi) if want_phi else phi.new_empty(0)
+    if T > 0:
+        # Contiguous: sum().backward() hands stride-0 gradients, and the kernel indexes row-major memory.
+        grads = [g.float().contiguous() for g in (grad_pre, grad_post, grad_res)]
+        with device_guard(x):
+            # dx is elementwise in K given the per-token terms, so the splits need no reduction.
+            _coefficients_bwd_x_kernel[(blocks, splits)](
+                x, phi, alpha, static_bias, proj, inv_rms, *grads, grad_x, grad_acc, part_bias, part_gate,
+                T, K, per_split, **meta, **_launch_options(meta),
+            )  # fmt: skip
+            if want_phi:
+                _coefficients_bwd_phi_kernel[(triton.cdiv(K, block_k),)](
+                    x, grad_acc, grad_phi, T, K, **_phi_meta(meta), **_launch_options(meta)
+                )
+    dgate = part_gate.sum(0)
+    grad_alpha = torch.stack([dgate[:n].sum(), dgate[n : 2 * n].sum(), dgate[2 * n : width].sum()])
+    return grad_x, grad_phi, grad_alpha.to(alpha.dtype), part_bias.sum(0)[:width].to(static_bias.dtype)
+
+
+@mhc_coefficients_bwd.register_fake
+def _(x, phi, alpha, static_bias, proj, inv_rms, grad_pre, grad_post, grad_res, want_phi):
+    grad_phi = torch.empty_like(phi) if want_phi else phi.new_empty(0)
+    return torch.empty_like(x), grad_phi, torch.empty_like(alpha), torch.empty_like(static_bias)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, phi, alpha, static_bias, eps = inputs
+    proj, inv_rms = output[3:]
+    ctx.save_for_backward(x, phi, alpha, static_bias, proj, inv_rms)
+    ctx.mark_non_differentiable(proj, inv_rms)
+
+
+def _backward(ctx, grad_pre, grad_post, grad_res, _grad_proj, _grad_inv_rms):
+    x, phi, alpha, static_bias, proj, inv_rms = ctx.saved_tensors
+    # A coefficient the loss does not use may come without a gradient: zeros, for the kernel.
+    T, n = x.shape[0], _num_streams(phi.shape[0])
+    zeros = partial(torch.zeros, device=x.device, dtype=torch.float32)
+    grad_pre = grad_pre if grad_pre is not None else zeros(T, n)
+    grad_post = grad_post if grad_post is not None else zeros(T, n)
+    grad_res = grad_res if grad_res is not None else zeros(T, n, n)
+    want_phi = ctx.needs_input_grad[1]
+    grad_x, grad_phi, grad_alpha, grad_bias = mhc_coefficients_bwd(
+        x, phi, alpha, static_bias, proj, inv_rms, grad_pre, grad_post, grad_res, want_phi
+    )
+    return grad_x, grad_phi if want_phi else None, grad_alpha, grad_bias, None
+
+
+mhc_coefficients_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mhc_coefficients_triton(
@@ -498,7 +531,11 @@ def mhc_coefficients_triton(
             f"alpha must have 3 entries and static_bias shape ({phi.shape[0]},), "
             f"got {tuple(alpha.shape)} and {tuple(static_bias.shape)}"
         )
-    return MHCCoefficientsTritonFunction.apply(x, phi, alpha.reshape(3), static_bias, float(eps))
+    lead, n = x.shape[:-1], _num_streams(phi.shape[0])
+    h_pre, h_post, h_res, _, _ = mhc_coefficients_fwd(
+        x.reshape(-1, x.shape[-1]), phi, alpha.reshape(3), static_bias, float(eps)
+    )
+    return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
 
 
-__all__ = ["MHCCoefficientsTritonFunction", "compile_jobs", "mhc_coefficients_triton"]
+__all__ = ["compile_jobs", "mhc_coefficients_bwd", "mhc_coefficients_fwd", "mhc_coefficients_triton"]

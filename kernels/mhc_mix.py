@@ -30,19 +30,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .runtime import device_guard
+from .runtime import H100_SM_COUNT, device_guard, sm_count
 
 # A program's tile: BLOCK_T tokens x NP (n padded) stream rows x BLOCK_C hidden units, which both kernels hold in
 # registers (res+post: the fp32 accumulator; pre: the n unrolled stream loads). 4096 elements with 8 warps is 16 per
 # thread and BLOCK_C up to 1024 gives 16-byte bf16 loads; no kernel spills on sm_90 up to n = 16 (the old cap,
 # 1024 elements and BLOCK_C <= 128, read 4 bytes per thread and row). Small inputs (decode) get smaller tiles, down
-# to _MIN_TILE, until the grid covers an H100's 132 SMs.
+# to _MIN_TILE, until the grid covers the device's SMs (`runtime.sm_count`).
 _MAX_TILE = 4096
 _MIN_TILE = 1024
 _MAX_BLOCK_C = 1024
-_TARGET_PROGRAMS = 132
 
 
 def _blocks(num_tokens: int, C: int, rows: int, tile: int = _MAX_TILE) -> tuple[int, int]:
@@ -52,14 +50,16 @@ def _blocks(num_tokens: int, C: int, rows: int, tile: int = _MAX_TILE) -> tuple[
     return block_t, block_c
 
 
-def _launch(num_tokens: int, C: int, n: int) -> tuple[dict, dict, tuple[int, int]]:
-    """(BLOCK_T/BLOCK_C constexprs, launch options, grid) of both mix kernels for `[num_tokens, n, C]` streams."""
+def _launch(num_tokens: int, C: int, n: int, programs: int) -> tuple[dict, dict, tuple[int, int]]:
+    """(BLOCK_T/BLOCK_C constexprs, launch options, grid) of both mix kernels for `[num_tokens, n, C]` streams,
+    shrinking the tile until the grid has at least `programs` programs (the device's SM count) or the tile its
+    floor."""
     rows = triton.next_power_of_2(n)
     tile = _MAX_TILE
     while True:
         block_t, block_c = _blocks(num_tokens, C, rows, tile)
         grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(C, block_c))
-        if tile <= _MIN_TILE or grid[0] * grid[1] >= _TARGET_PROGRAMS:
+        if tile <= _MIN_TILE or grid[0] * grid[1] >= programs:
             break
         tile //= 2
     num_warps = 8 if block_t * rows * block_c >= _MAX_TILE else 4
@@ -115,35 +115,57 @@ def _pre_mix_bwd_kernel(
         tl.store(part + t * N + j, tl.sum(g * x_j, axis=1), mask=t_ok)
 
 
-class HCPreMixTritonFunction(torch.autograd.Function):
+# Registered ops (not autograd.Functions), so torch.compile and selective checkpointing take each launch whole.
+@torch.library.custom_op("transformers_mhc::hc_pre_mix_fwd", mutates_args=())
+def hc_pre_mix_fwd(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`Σ_j h_j x_j` on flattened tokens: `h [T, n]`, `x [T, n, C]` -> `[T, C]` in `x.dtype`."""
+    h, x = h.contiguous(), x.contiguous()
+    T, n, C = x.shape
+    out = x.new_empty(T, C)
+    if out.numel() > 0:
+        with device_guard(x):
+            blocks, options, grid = _launch(T, C, n, sm_count(x.device))
+            _pre_mix_fwd_kernel[grid](h, x, out, T, C, N=n, **blocks, **options)
+    return out
 
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = h.contiguous()
-        x = x.contiguous()
-        T, n, C = x.shape
-        out = torch.empty(T, C, device=x.device, dtype=x.dtype)
-        if out.numel() > 0:
-            with device_guard(x):
-                blocks, options, grid = _launch(T, C, n)
-                _pre_mix_fwd_kernel[grid](h, x, out, T, C, N=n, **blocks, **options)
-        ctx.save_for_backward(h, x)
-        return out
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        h, x = ctx.saved_tensors
-        T, n, C = x.shape
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        blocks, options, grid = _launch(T, C, n)
-        part_h = torch.zeros(grid[1], T, n, device=x.device, dtype=torch.float32)
-        if x.numel() > 0:
-            with device_guard(x):
-                _pre_mix_bwd_kernel[grid](h, x, grad_out, grad_x, part_h, T, C, N=n, **blocks, **options)
-        return part_h.sum(0).to(h.dtype), grad_x
+@hc_pre_mix_fwd.register_fake
+def _(h, x):
+    return x.new_empty(x.shape[0], x.shape[2])
+
+
+@torch.library.custom_op("transformers_mhc::hc_pre_mix_bwd", mutates_args=())
+def hc_pre_mix_bwd(
+    h: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(grad_h, grad_x)`; `grad_h` in fp32, summed over the per-C-block partials."""
+    h, x, grad_out = h.contiguous(), x.contiguous(), grad_out.contiguous()
+    T, n, C = x.shape
+    grad_x = torch.empty_like(x)
+    blocks, options, grid = _launch(T, C, n, sm_count(x.device))
+    part_h = torch.zeros(grid[1], T, n, device=x.device, dtype=torch.float32)
+    if x.numel() > 0:
+        with device_guard(x):
+            _pre_mix_bwd_kernel[grid](h, x, grad_out, grad_x, part_h, T, C, N=n, **blocks, **options)
+    return part_h.sum(0), grad_x
+
+
+@hc_pre_mix_bwd.register_fake
+def _(h, x, grad_out):
+    return h.new_empty(h.shape, dtype=torch.float32), torch.empty_like(x)
+
+
+def _pre_mix_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _pre_mix_backward(ctx, grad_out: torch.Tensor):
+    h, x = ctx.saved_tensors
+    grad_h, grad_x = hc_pre_mix_bwd(h, x, grad_out)
+    return grad_h.to(h.dtype), grad_x
+
+
+hc_pre_mix_fwd.register_autograd(_pre_mix_backward, setup_context=_pre_mix_setup_context)
 
 
 def _flatten_tokens(*pairs: tuple[torch.Tensor, int]) -> tuple[torch.Size, list[torch.Tensor]]:
@@ -177,7 +199,7 @@ def hc_pre_mix_triton(h_pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             f"h_pre [..., n] and x [..., n, C] disagree: {tuple(h_pre.shape)} vs {tuple(x.shape)}"
         )
     batch, (h, xx) = _flatten_tokens((h_pre, 1), (x, 2))
-    return HCPreMixTritonFunction.apply(h, xx).view(*batch, x.shape[-1])
+    return hc_pre_mix_fwd(h, xx).view(*batch, x.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +290,7 @@ def compile_jobs(n: int, dtype: torch.dtype, hidden: int = 4096) -> list[tuple]:
     which the caller sets."""
     jobs = []
     for num_tokens in (10**6, 1):
-        blocks, options, _ = _launch(num_tokens, hidden, n)
+        blocks, options, _ = _launch(num_tokens, hidden, n, H100_SM_COUNT)
         pre = dict(N=n, **blocks)
         res_post = dict(pre, NP=triton.next_power_of_2(n))
         jobs += [
@@ -280,41 +302,70 @@ def compile_jobs(n: int, dtype: torch.dtype, hidden: int = 4096) -> list[tuple]:
     return jobs
 
 
-class HCResPostMixTritonFunction(torch.autograd.Function):
+@torch.library.custom_op("transformers_mhc::hc_res_post_mix_fwd", mutates_args=())
+def hc_res_post_mix_fwd(
+    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor
+) -> torch.Tensor:
     """`h_res · x + h_postᵀ · f` on flattened tokens: `[T, n, n]`, `[T, n, C]`, `[T, n]`, `[T, C]` -> `[T, n, C]`."""
+    h_res, x, h_post, f = (t.contiguous() for t in (h_res, x, h_post, f))
+    T, n, C = x.shape
+    out = torch.empty_like(x)
+    if out.numel() > 0:
+        with device_guard(x):
+            blocks, options, grid = _launch(T, C, n, sm_count(x.device))
+            _res_post_mix_fwd_kernel[grid](
+                h_res, x, h_post, f, out, T, C, N=n, NP=triton.next_power_of_2(n), **blocks, **options
+            )
+    return out
 
-    @staticmethod
-    def forward(ctx, h_res, x, h_post, f):
-        h_res, x, h_post, f = (t.contiguous() for t in (h_res, x, h_post, f))
-        T, n, C = x.shape
-        out = torch.empty_like(x)
-        if out.numel() > 0:
-            with device_guard(x):
-                blocks, options, grid = _launch(T, C, n)
-                _res_post_mix_fwd_kernel[grid](
-                    h_res, x, h_post, f, out, T, C, N=n, NP=triton.next_power_of_2(n), **blocks, **options
-                )
-        ctx.save_for_backward(h_res, x, h_post, f)
-        return out
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, grad_out):
-        h_res, x, h_post, f = ctx.saved_tensors
-        T, n, C = x.shape
-        grad_out = grad_out.contiguous()
-        blocks, options, grid = _launch(T, C, n)
-        grad_x = torch.empty_like(x)
-        grad_f = torch.empty_like(f)
-        part_res = torch.zeros(grid[1], T, n, n, device=x.device, dtype=torch.float32)
-        part_post = torch.zeros(grid[1], T, n, device=x.device, dtype=torch.float32)
-        if x.numel() > 0:
-            with device_guard(x):
-                _res_post_mix_bwd_kernel[grid](
-                    h_res, x, h_post, f, grad_out, grad_x, grad_f, part_res, part_post, T, C,
-                    N=n, NP=triton.next_power_of_2(n), **blocks, **options,
-                )  # fmt: skip
-        return part_res.sum(0).to(h_res.dtype), grad_x, part_post.sum(0).to(h_post.dtype), grad_f
+@hc_res_post_mix_fwd.register_fake
+def _(h_res, x, h_post, f):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("transformers_mhc::hc_res_post_mix_bwd", mutates_args=())
+def hc_res_post_mix_bwd(
+    h_res: torch.Tensor, x: torch.Tensor, h_post: torch.Tensor, f: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(grad_h_res, grad_x, grad_h_post, grad_f)`; the coefficient gradients in fp32."""
+    h_res, x, h_post, f, grad_out = (t.contiguous() for t in (h_res, x, h_post, f, grad_out))
+    T, n, C = x.shape
+    blocks, options, grid = _launch(T, C, n, sm_count(x.device))
+    grad_x = torch.empty_like(x)
+    grad_f = torch.empty_like(f)
+    part_res = torch.zeros(grid[1], T, n, n, device=x.device, dtype=torch.float32)
+    part_post = torch.zeros(grid[1], T, n, device=x.device, dtype=torch.float32)
+    if x.numel() > 0:
+        with device_guard(x):
+            _res_post_mix_bwd_kernel[grid](
+                h_res, x, h_post, f, grad_out, grad_x, grad_f, part_res, part_post, T, C,
+                N=n, NP=triton.next_power_of_2(n), **blocks, **options,
+            )  # fmt: skip
+    return part_res.sum(0), grad_x, part_post.sum(0), grad_f
+
+
+@hc_res_post_mix_bwd.register_fake
+def _(h_res, x, h_post, f, grad_out):
+    return (
+        h_res.new_empty(h_res.shape, dtype=torch.float32),
+        torch.empty_like(x),
+        h_post.new_empty(h_post.shape, dtype=torch.float32),
+        torch.empty_like(f),
+    )
+
+
+def _res_post_mix_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _res_post_mix_backward(ctx, grad_out: torch.Tensor):
+    h_res, x, h_post, f = ctx.saved_tensors
+    grad_res, grad_x, grad_post, grad_f = hc_res_post_mix_bwd(h_res, x, h_post, f, grad_out)
+    return grad_res.to(h_res.dtype), grad_x, grad_post.to(h_post.dtype), grad_f
+
+
+hc_res_post_mix_fwd.register_autograd(_res_post_mix_backward, setup_context=_res_post_mix_setup_context)
 
 
 def hc_res_post_mix_triton(
@@ -343,13 +394,15 @@ def hc_res_post_mix_triton(
         )
     batch, (hr, xx, hp, ff) = _flatten_tokens((h_res, 2), (x, 2), (h_post, 1), (f, 1))
     # The output follows x's dtype (as the reference): if f has another dtype, the kernel casts on store.
-    return HCResPostMixTritonFunction.apply(hr, xx, hp, ff).view(*batch, n, C)
+    return hc_res_post_mix_fwd(hr, xx, hp, ff).view(*batch, n, C)
 
 
 __all__ = [
-    "HCPreMixTritonFunction",
-    "HCResPostMixTritonFunction",
     "compile_jobs",
+    "hc_pre_mix_bwd",
+    "hc_pre_mix_fwd",
     "hc_pre_mix_triton",
+    "hc_res_post_mix_bwd",
+    "hc_res_post_mix_fwd",
     "hc_res_post_mix_triton",
 ]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .runtime import device_guard
 
@@ -149,41 +148,59 @@ def compile_jobs(n: int, dtype: torch.dtype) -> list[tuple]:
     return [(_sinkhorn_fwd_kernel, meta, {}), (_sinkhorn_bwd_kernel, meta, {})]
 
 
-class SinkhornKnoppTritonFunction(torch.autograd.Function):
-    """Triton Sinkhorn-Knopp in fp32; only the logits are saved, the backward kernel recomputes the iterates."""
+# Registered ops (not an autograd.Function), so torch.compile and selective checkpointing take each launch whole.
+@torch.library.custom_op("transformers_mhc::sinkhorn_knopp_fwd", mutates_args=())
+def sinkhorn_knopp_fwd(logits: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    """`[..., n, n]` fp32 Sinkhorn-Knopp of `logits` (any float dtype)."""
+    n = logits.shape[-1]
+    flat = logits.float().contiguous().view(-1, n, n)
+    out = torch.empty_like(flat)
+    if flat.shape[0] > 0:
+        with device_guard(flat):
+            np2, block_b, grid = _launch_config(flat.shape[0], n)
+            _sinkhorn_fwd_kernel[grid](flat, out, flat.shape[0], num_iterations, N=n, NP=np2, BLOCK_B=block_b)
+    return out.view(logits.shape)
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, num_iterations: int) -> torch.Tensor:
-        n = logits.shape[-1]
-        flat = logits.float().contiguous().view(-1, n, n)
-        out = torch.empty_like(flat)
-        if flat.shape[0] > 0:
-            with device_guard(flat):
-                np2, block_b, grid = _launch_config(flat.shape[0], n)
-                _sinkhorn_fwd_kernel[grid](
-                    flat, out, flat.shape[0], num_iterations, N=n, NP=np2, BLOCK_B=block_b
-                )
-        ctx.save_for_backward(flat)
-        ctx.num_iterations = num_iterations
-        ctx.input_shape = logits.shape
-        ctx.input_dtype = logits.dtype
-        return out.view(logits.shape)
 
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        (flat,) = ctx.saved_tensors
-        n = flat.shape[-1]
-        grad_flat = grad_out.float().contiguous().view(-1, n, n)
-        grad_in = torch.empty_like(flat)
-        if flat.shape[0] > 0:
-            with device_guard(flat):
-                np2, block_b, grid = _launch_config(flat.shape[0], n)
-                _sinkhorn_bwd_kernel[grid](
-                    flat, grad_flat, grad_in, flat.shape[0], ctx.num_iterations, _backward_segment(ctx.num_iterations),
-                    N=n, NP=np2, BLOCK_B=block_b,
-                )  # fmt: skip
-        return grad_in.view(ctx.input_shape).to(ctx.input_dtype), None
+@sinkhorn_knopp_fwd.register_fake
+def _(logits, num_iterations):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("transformers_mhc::sinkhorn_knopp_bwd", mutates_args=())
+def sinkhorn_knopp_bwd(logits: torch.Tensor, grad_out: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    """The fp32 gradient with respect to `logits`, recomputing the iterates from them on chip."""
+    n = logits.shape[-1]
+    flat = logits.float().contiguous().view(-1, n, n)
+    grad_flat = grad_out.float().contiguous().view(-1, n, n)  # contiguous: sum().backward() hands stride 0
+    grad_in = torch.empty_like(flat)
+    if flat.shape[0] > 0:
+        with device_guard(flat):
+            np2, block_b, grid = _launch_config(flat.shape[0], n)
+            _sinkhorn_bwd_kernel[grid](
+                flat, grad_flat, grad_in, flat.shape[0], num_iterations, _backward_segment(num_iterations),
+                N=n, NP=np2, BLOCK_B=block_b,
+            )  # fmt: skip
+    return grad_in.view(logits.shape)
+
+
+@sinkhorn_knopp_bwd.register_fake
+def _(logits, grad_out, num_iterations):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, num_iterations = inputs
+    ctx.save_for_backward(logits)  # only the logits: the backward kernel recomputes the iterates
+    ctx.num_iterations = num_iterations
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    (logits,) = ctx.saved_tensors
+    return sinkhorn_knopp_bwd(logits, grad_out, ctx.num_iterations).to(logits.dtype), None
+
+
+sinkhorn_knopp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sinkhorn_knopp_triton(logits: torch.Tensor, num_iterations: int = 20) -> torch.Tensor:
@@ -206,7 +223,7 @@ def sinkhorn_knopp_triton(logits: torch.Tensor, num_iterations: int = 20) -> tor
         )
     if num_iterations < 0:
         raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
-    return SinkhornKnoppTritonFunction.apply(logits, int(num_iterations))
+    return sinkhorn_knopp_fwd(logits, int(num_iterations))
 
 
-__all__ = ["SinkhornKnoppTritonFunction", "compile_jobs", "sinkhorn_knopp_triton"]
+__all__ = ["compile_jobs", "sinkhorn_knopp_bwd", "sinkhorn_knopp_fwd", "sinkhorn_knopp_triton"]

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -37,6 +38,24 @@ def can_launch_on(device: torch.device) -> bool:
     if device.type == "cuda":
         return not INTERPRETED and torch.cuda.is_available()
     return device.type == "cpu" and INTERPRETED
+
+
+# An H100's streaming multiprocessors: the launch heuristics' program count for the interpreter and for offline
+# compiles (`benchmarks/ptxas_spills.py` targets sm_90), where there is no GPU to ask.
+H100_SM_COUNT = 132
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, which the launchers aim to give at least one program each (split-K of
+    the mHC coefficients at decode, the mix kernels' tiles); `H100_SM_COUNT` off the GPU."""
+    if device.type != "cuda":
+        return H100_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -58,4 +77,4 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-__all__ = ["INTERPRETED", "can_launch_on", "device_guard", "dot_precision"]
+__all__ = ["H100_SM_COUNT", "INTERPRETED", "can_launch_on", "device_guard", "dot_precision", "sm_count"]

@@ -33,6 +33,7 @@ from transformers_mhc.kernels.mhc import (  # noqa: E402
     mhc_coefficients_triton,
     sinkhorn_knopp_triton,
 )
+from transformers_mhc.kernels.runtime import H100_SM_COUNT, sm_count  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -371,20 +372,34 @@ def test_mix_kernels_several_channel_blocks():
 
 def test_mix_tiles_by_shape():
     # Training shapes: 4096-element tiles with 8 warps, BLOCK_C up to 1024 (16-byte bf16 loads per thread).
-    assert mix_module._launch(10**6, 4096, 4) == (
+    assert mix_module._launch(10**6, 4096, 4, H100_SM_COUNT) == (
         {"BLOCK_T": 1, "BLOCK_C": 1024},
         {"num_warps": 8},
         (10**6, 4),
     )
-    assert mix_module._launch(10**6, 4096, 1) == (
+    assert mix_module._launch(10**6, 4096, 1, H100_SM_COUNT) == (
         {"BLOCK_T": 4, "BLOCK_C": 1024},
         {"num_warps": 8},
         (250000, 4),
     )
-    assert mix_module._launch(10**6, 4096, 16)[0] == {"BLOCK_T": 1, "BLOCK_C": 256}  # 16 stream rows
+    assert mix_module._launch(10**6, 4096, 16, H100_SM_COUNT)[0] == {
+        "BLOCK_T": 1,
+        "BLOCK_C": 256,
+    }  # 16 stream rows
     # Decode: tiles shrink (to 1024 elements) while the grid has fewer programs than an H100 has SMs.
-    assert mix_module._launch(1, 4096, 4) == ({"BLOCK_T": 1, "BLOCK_C": 256}, {"num_warps": 4}, (1, 16))
-    assert mix_module._launch(70, 1100, 2) == ({"BLOCK_T": 1, "BLOCK_C": 1024}, {"num_warps": 4}, (70, 2))
+    assert mix_module._launch(1, 4096, 4, H100_SM_COUNT) == (
+        {"BLOCK_T": 1, "BLOCK_C": 256},
+        {"num_warps": 4},
+        (1, 16),
+    )
+    assert mix_module._launch(70, 1100, 2, H100_SM_COUNT) == (
+        {"BLOCK_T": 1, "BLOCK_C": 1024},
+        {"num_warps": 4},
+        (70, 2),
+    )
+    # A GPU with fewer SMs stops shrinking sooner (one SM-count heuristic for every launcher: `runtime.sm_count`).
+    assert mix_module._launch(1, 4096, 4, 8)[2] == (1, 8)
+    assert sm_count(torch.device("cpu")) == H100_SM_COUNT
 
 
 def test_mix_kernels_wide_tiles():
@@ -451,6 +466,100 @@ def test_chained_sublayer_matches_torch_path():
     g = torch.randn_like(out_r)
     for a, b in zip(torch.autograd.grad(out_k, params, g), torch.autograd.grad(out_r, params, g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered ops: torch.compile and selective checkpointing see each kernel launch as one op
+# --------------------------------------------------------------------------------------------------
+def _op_cases(dtype: torch.dtype, n: int = 4, C: int = 8, tokens: int = 5) -> dict[str, tuple]:
+    """`{name: (op overload, args)}` for every mHC op, forward and backward, on small inputs."""
+    ops = torch.ops.transformers_mhc
+    x, phi, alpha, bias = _coefficient_inputs(n, C, (tokens,), dtype)
+    streams = _leaf(torch.randn(tokens, n, C).to(dtype))
+    h = _leaf(torch.rand(tokens, n))
+    h_res = _leaf(torch.rand(tokens, n, n))
+    f = _leaf(torch.randn(tokens, C).to(dtype))
+    logits = _leaf(torch.randn(tokens, n, n))
+    _, _, _, proj, inv_rms = ops.mhc_coefficients_fwd(x, phi, alpha, bias, 1e-6)
+    grads = [torch.randn(tokens, n), torch.randn(tokens, n), torch.randn(tokens, n, n)]
+    return {
+        "coefficients_fwd": (ops.mhc_coefficients_fwd.default, (x, phi, alpha, bias, 1e-6)),
+        "sinkhorn_fwd": (ops.sinkhorn_knopp_fwd.default, (logits, 20)),
+        "pre_mix_fwd": (ops.hc_pre_mix_fwd.default, (h, streams)),
+        "res_post_mix_fwd": (ops.hc_res_post_mix_fwd.default, (h_res, streams, h, f)),
+        "coefficients_bwd": (
+            ops.mhc_coefficients_bwd.default,
+            (x.detach(), phi.detach(), alpha.detach(), bias.detach(), proj, inv_rms, *grads, True),
+        ),
+        "coefficients_bwd_frozen_phi": (
+            ops.mhc_coefficients_bwd.default,
+            (x.detach(), phi.detach(), alpha.detach(), bias.detach(), proj, inv_rms, *grads, False),
+        ),
+        "sinkhorn_bwd": (ops.sinkhorn_knopp_bwd.default, (logits.detach(), torch.randn(tokens, n, n), 20)),
+        "pre_mix_bwd": (ops.hc_pre_mix_bwd.default, (h.detach(), streams.detach(), torch.randn_like(f))),
+        "res_post_mix_bwd": (
+            ops.hc_res_post_mix_bwd.default,
+            (h_res.detach(), streams.detach(), h.detach(), f.detach(), torch.randn_like(streams)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_pass_opcheck(dtype):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of every op agree with eager."""
+    for name, (op, args) in _op_cases(dtype).items():
+        result = torch.library.opcheck(op, args)
+        assert all(outcome == "SUCCESS" for outcome in result.values()), (name, result)
+
+
+def _sublayer_inputs() -> list[torch.Tensor]:
+    n, C = 4, 9
+    streams = _leaf(torch.randn(2, 3, n, C))
+    phi, alpha, bias = _coefficient_inputs(n, C, (1,), torch.float32)[1:]
+    return [streams, phi, alpha, bias, _leaf(torch.randn(C, C) / C**0.5)]
+
+
+def _triton_sublayer(*params):
+    return _sublayer(
+        mhc_coefficients_triton, sinkhorn_knopp_triton, hc_pre_mix_triton, hc_res_post_mix_triton, *params
+    )
+
+
+def _assert_same_forward_and_grads(fn, reference, params):
+    out, expected = fn(*params), reference(*params)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_sublayer_matches_eager(backend):
+    """`torch.compile(fullgraph=True)` traces the four ops (no graph break) and gives eager's values and gradients."""
+    torch.compiler.reset()
+    compiled = torch.compile(_triton_sublayer, backend=backend, fullgraph=True)
+    _assert_same_forward_and_grads(compiled, _triton_sublayer, _sublayer_inputs())
+
+
+def test_selective_checkpointing_of_the_ops():
+    """Selective activation checkpointing may save the ops' outputs or recompute them: same gradients either way."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    saved = {
+        torch.ops.transformers_mhc.mhc_coefficients_fwd.default,
+        torch.ops.transformers_mhc.hc_pre_mix_fwd.default,
+    }
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def checkpointed(*params):
+        context_fn = partial(create_selective_checkpoint_contexts, policy)
+        return checkpoint(_triton_sublayer, *params, use_reentrant=False, context_fn=context_fn)
+
+    _assert_same_forward_and_grads(checkpointed, _triton_sublayer, _sublayer_inputs())
 
 
 # --------------------------------------------------------------------------------------------------
