@@ -160,13 +160,15 @@ def test_decay_grid_limit():
         decay_ops.chunk_decay_linear_attn(q, q, q, q[..., 0], kernel_backend="triton")
 
 
-def test_not_under_compile(monkeypatch):
-    """The kernels are not registered ops: while compiling, `"auto"` takes the torch path, `"triton"` refuses."""
+def test_same_decision_under_compile(monkeypatch):
+    """The kernels are registered ops, so compiling changes nothing: `"auto"` and `"triton"` decide as in eager."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x = torch.randn(2, 2, device=KERNEL_DEVICE)
-    assert not mhc_ops.use_triton_kernels("mhc", "auto", (x,), hyper_connection.can_launch_on)
-    with pytest.raises(RuntimeError, match="torch.compile"):
-        mhc_ops.use_triton_kernels("mhc", "triton", (x,), hyper_connection.can_launch_on)
+    runs = hyper_connection.can_launch_on is not None and hyper_connection.can_launch_on(KERNEL_DEVICE)
+    assert mhc_ops.use_triton_kernels("mhc", "triton", (x,), hyper_connection.can_launch_on) == runs
+    assert mhc_ops.use_triton_kernels("mhc", "auto", (x,), hyper_connection.can_launch_on) == (
+        runs and x.is_cuda
+    )
 
 
 def test_unknown_backend():
@@ -227,6 +229,42 @@ def test_decay_model_triton_matches_torch(granularity):
     )
 
 
+class _CountingLaunches:
+    """Stands in for a Triton kernel and counts its launches (`kernel[grid](...)`)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_selective_recomputation_keeps_the_decay_kernel(monkeypatch):
+    """`hc_recompute` recomputes the hyper-connection arithmetic in backward but keeps the chunk kernel's outputs, as
+    it keeps attention's: per training step the decay output kernel runs once per layer either way, while the mHC
+    coefficient kernel runs twice as often."""
+    from transformers_mhc.kernels import decay_chunk, mhc_coefficients
+
+    launches = {}
+    for recompute in (False, True):
+        decay_kernel = _CountingLaunches(decay_chunk._chunk_output_fwd_kernel)
+        mhc_kernel = _CountingLaunches(mhc_coefficients._coefficients_fwd_kernel)
+        monkeypatch.setattr(decay_chunk, "_chunk_output_fwd_kernel", decay_kernel)
+        monkeypatch.setattr(mhc_coefficients, "_coefficients_fwd_kernel", mhc_kernel)
+        config = {
+            **TINY_DECAY,
+            "decay_granularity": "vector",
+            "num_hidden_layers": 2,
+            "hc_recompute": recompute,
+        }
+        _train_step(_build(DecayLinearAttnForCausalLM, config, "triton"), _ids(20, batch=1))
+        launches[recompute] = (decay_kernel.launches, mhc_kernel.launches)
+        monkeypatch.undo()
+    assert launches[False][0] == launches[True][0] == 2, launches
+    assert launches[True][1] == 2 * launches[False][1] > 0, launches
+
+
 @pytest.mark.parametrize(
     ("model_class", "config_kwargs"),
     [(MHCForCausalLM, TINY_MHC), (DecayLinearAttnForCausalLM, {**TINY_DECAY, "decay_granularity": "vector"})],
@@ -245,6 +283,48 @@ def test_generate_triton_matches_torch(model_class, config_kwargs):
     (logits_t, out_t), (logits_k, out_k) = sequences
     assert _rel(logits_k, logits_t) <= FP32_RTOL
     assert torch.equal(out_k, out_t)
+
+
+def _kernel_ops_in_graph(model, ids, backend: str) -> tuple[set[str], tuple]:
+    """Compiles `model` with a backend that notes the `transformers_mhc` ops in each captured graph, then hands the
+    graph to `backend`; returns those op names and the compiled training step's loss, logits and gradients."""
+    seen: set[str] = set()
+
+    def noting_backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and str(node.target).startswith("transformers_mhc."):
+                seen.add(str(node.target).split(".")[1])
+        return torch.compile(graph_module, backend=backend)
+
+    output = torch.compile(model, backend=noting_backend)(ids, labels=ids)
+    output.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return seen, (output.loss.detach(), output.logits.detach(), grads)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config_kwargs", "expected"),
+    [
+        (MHCForCausalLM, TINY_MHC, "mhc"),
+        (DecayLinearAttnForCausalLM, {**TINY_DECAY, "decay_granularity": "vector"}, "chunk_decay"),
+    ],
+    ids=["mhc", "decay"],
+)
+def test_compiled_model_runs_the_kernels(model_class, config_kwargs, expected):
+    """Under `torch.compile` the Triton path is traced, each kernel one op of the graph (aot_eager through the
+    interpreter here, inductor on a GPU), and the training step equals the eager one."""
+    backend = "inductor" if KERNEL_DEVICE.type == "cuda" else "aot_eager"
+    ids = _ids(20, batch=1)
+    loss_e, logits_e, grads_e = _train_step(_build(model_class, config_kwargs, "triton"), ids)
+    torch.compiler.reset()
+    seen, (loss_c, logits_c, grads_c) = _kernel_ops_in_graph(
+        _build(model_class, config_kwargs, "triton"), ids, backend
+    )
+    assert any(name.startswith(expected) for name in seen), seen
+    assert _rel(loss_c, loss_e) <= FP32_RTOL and _rel(logits_c, logits_e) <= FP32_RTOL
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        assert _rel(grads_c[name], grads_e[name]) <= FP32_RTOL, name
 
 
 # Slow through the interpreter (and the interpreter's bf16 is not the GPU's anyway): in the default run on a GPU only.

@@ -386,7 +386,8 @@ def position_ids_skipping_padding(
 # per segment of `config.recompute_interval` layers, only the segment's input streams and the outputs of the
 # matrix products and attention are kept; everything between them — the hyper-connection arithmetic, norms,
 # activations, RoPE — is recomputed in backward. The kept outputs are never written in place afterwards (which
-# the checkpoint would reject); a Triton kernel's output is not an op output at all, it is simply recomputed.
+# the checkpoint would reject). The Triton kernels are registered ops (`torch.ops.transformers_mhc`): the mHC ones
+# are recomputed like the arithmetic they replace, the decay chunk kernel is kept like attention.
 _KEPT_OPS = {
     getattr(torch.ops.aten, name).default
     for name in (
@@ -401,8 +402,13 @@ _KEPT_OPS = {
 }
 
 
+# By name: the kernels are an optional part of the package, and this file travels with remote code without them.
+_KEPT_KERNEL_OPS = {"transformers_mhc.chunk_decay_fwd.default"}
+
+
 def _keep_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    kept = op in _KEPT_OPS or str(op) in _KEPT_KERNEL_OPS
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _run_segment(layers, hidden_streams: torch.Tensor, layer_kwargs: dict, readout):

@@ -203,20 +203,14 @@ def use_triton_kernels(
         unsupported: a family-specific reason the kernels cannot take these inputs (head dim, chunk size), if any.
 
     `"auto"` picks the kernels on CUDA tensors only (the interpreter, which runs them on CPU tensors, is for tests and
-    is slow) and logs its choice once per family and reason. Under `torch.compile` the kernels, which are not
-    registered ops, are not traced: `"auto"` takes the torch path and `"triton"` is an error.
+    is slow) and logs its choice once per family and reason. The kernels are registered custom ops
+    (`torch.ops.transformers_mhc.*`), so `torch.compile` and selective checkpointing take each one whole: the same
+    decision holds while compiling.
     """
     if kernel_backend == "torch":
         return False
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"`kernel_backend` must be one of {list(KERNEL_BACKENDS)}, got {kernel_backend!r}.")
-    if torch.compiler.is_compiling():
-        if kernel_backend == "triton":
-            raise RuntimeError(
-                f"`kernel_backend='triton'`: the {family} Triton kernels are not registered ops and cannot run "
-                "under torch.compile; use kernel_backend='auto' (torch path when compiling) or 'torch'."
-            )
-        return False
     if kernel_backend == "auto" and not any(
         t.is_cuda for t in tensors
     ):  # the common CPU case, decided cheaply
