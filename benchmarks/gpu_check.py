@@ -21,11 +21,15 @@ limit still leaves what it measured):
 
 1. `kernels`: every kernel against the torch path (what `kernel_backend="torch"` runs) on the same inputs:
    forward outputs and the gradients of every input (relative error and a pass/fail against the tolerance of the
-   dtype), then forward + backward time of both paths, and of flash-linear-attention's `chunk_simple_gla` /
-   `chunk_gla` on the same decay shapes where `fla` is importable.
+   dtype), then forward + backward time of both paths.
 2. `models`: both models' training step (forward + backward, loss and gradient agreement, time) and greedy
    `generate` (tokens, wall time of one call), Triton vs torch; the MHC row also times the plain residual model (`num_streams=1`),
    the baseline of the mHC paper's training overhead.
+3. `compiled`: the kernels under `torch.compile(fullgraph=True)` (they are registered custom ops): one hyper-connection
+   sub-layer's four mHC ops chained, and the decay chunk op, against the same functions run eagerly.
+4. `peers`: our chunk kernel against flash-linear-attention's `chunk_simple_gla` / `chunk_gla` at head dim 128,
+   where `fla` is importable (forward + backward, or forward only where fla refuses its backward on the installed
+   Triton and GPU, which is recorded). Last, because fla autotunes for minutes on first use.
 
 On a GPU (the default when CUDA is available) timings are `triton.testing.do_bench` medians in ms. With `--cpu`
 (or without CUDA) the kernels run through the Triton interpreter on tiny shapes: that checks the script and the
@@ -39,6 +43,7 @@ import argparse
 import inspect
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -76,6 +81,11 @@ def _shapes(cpu: bool) -> dict:
             ],
             "decode": [dict(B=1, H=2, K=16, V=16, vector=True, dtype="fp32")],
             "models": dict(batch=1, seq=20, new_tokens=3, steps=1, dtype="fp32"),
+            "compiled": dict(
+                mhc=dict(tokens=12, hidden=24, n=4, dtype="fp32"),
+                decay=dict(B=1, H=2, T=20, K=16, V=16, vector=True, dtype="fp32", chunk_size=16),
+            ),
+            "peers": [],  # flash-linear-attention needs CUDA
         }
     decay = [
         dict(B=4, H=16, T=2048, K=K, V=K, vector=vector, dtype="bf16", chunk_size=64)
@@ -95,6 +105,15 @@ def _shapes(cpu: bool) -> dict:
         "decay": decay,
         "decode": [dict(B=8, H=16, K=128, V=128, vector=vector, dtype="bf16") for vector in (False, True)],
         "models": dict(batch=4, seq=1024, new_tokens=64, steps=10, dtype="bf16"),
+        "compiled": dict(
+            mhc=dict(tokens=8192, hidden=2048, n=4, dtype="bf16"),
+            decay=dict(B=4, H=16, T=2048, K=128, V=128, vector=True, dtype="bf16", chunk_size=64),
+        ),
+        # fla autotunes ~50 configurations per kernel on first use (~40 s each on an H100): head dim 128 only.
+        "peers": [
+            dict(B=4, H=16, T=2048, K=128, V=128, vector=vector, dtype="bf16", chunk_size=64)
+            for vector in (False, True)
+        ],
     }
 
 
@@ -168,7 +187,6 @@ def _mhc_cases(shape: dict, device: torch.device):
             partial(reference, **kwargs),
             inputs,
             dtype,
-            None,
         )
 
 
@@ -227,14 +245,12 @@ def _decay_cases(shapes: dict, device: torch.device):
             )
 
         kernel = "chunk_gla_vector" if shape["vector"] else "chunk_simple_scalar"
-        fla = _fla_chunk(shape["vector"]) if device.type == "cuda" else None
         yield (
             dict(kernel=kernel, **shape),
             partial(chunk, backend="triton"),
             partial(chunk, backend="torch"),
             inputs,
             DTYPES[shape["dtype"]],
-            fla,
         )
     for shape in shapes["decode"]:
         inputs = _decay_inputs(shape, device, 1)
@@ -248,24 +264,118 @@ def _decay_cases(shapes: dict, device: torch.device):
             partial(step, backend="torch"),
             inputs,
             DTYPES[shape["dtype"]],
-            None,
         )
 
 
 def _check_kernel(case, timer) -> dict:
-    meta, kernel, reference, inputs, dtype, fla = case
+    meta, kernel, reference, inputs, dtype = case
     row = dict(meta, **_compare(kernel, reference, inputs, dtype))
     _, _, cotangents = _fwd_bwd(reference, inputs)
     row["torch_ms"] = timer(lambda: _fwd_bwd(reference, inputs, cotangents))
     row["triton_ms"] = timer(lambda: _fwd_bwd(kernel, inputs, cotangents))
     row["speedup_vs_torch"] = row["torch_ms"] / row["triton_ms"]
-    if fla is not None:
-        try:
-            fla_cot = [torch.randn_like(o) for o in _fwd_bwd(fla, inputs)[0]]
-            row["fla_ms"] = timer(lambda: _fwd_bwd(fla, inputs, fla_cot))
-            row["throughput_vs_fla"] = row["fla_ms"] / row["triton_ms"]
-        except Exception as error:  # noqa: BLE001 - record, do not abort the check
-            row["fla_error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
+def _check_compiled(
+    name: str, kernel: Callable, inputs: list[torch.Tensor], dtype, cuda: bool, timer
+) -> dict:
+    """The public kernel functions under `torch.compile(fullgraph=True)` (they are registered custom ops, so the
+    graph holds them whole) against the same functions eagerly: forward, gradients and time."""
+    compiled = torch.compile(kernel, fullgraph=True, backend="inductor" if cuda else "aot_eager")
+    start = time.perf_counter()
+    row = {
+        "case": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        **_compare(compiled, kernel, inputs, dtype),
+    }
+    row["first_call_s"] = time.perf_counter() - start  # compilation included
+    _, _, cotangents = _fwd_bwd(kernel, inputs)
+    row["eager_ms"] = timer(lambda: _fwd_bwd(kernel, inputs, cotangents))
+    row["compiled_ms"] = timer(lambda: _fwd_bwd(compiled, inputs, cotangents))
+    return row
+
+
+def _compiled_cases(shapes: dict, device: torch.device):
+    """(name, function of tensors, inputs, dtype): one sub-layer's four mHC ops chained, and the decay chunk op."""
+    from transformers_mhc.kernels.mhc import (
+        hc_pre_mix_triton,
+        hc_res_post_mix_triton,
+        mhc_coefficients_triton,
+        sinkhorn_knopp_triton,
+    )
+    from transformers_mhc.models import decay_ops
+
+    shape = shapes["compiled"]["mhc"]
+    n, C, dtype = shape["n"], shape["hidden"], DTYPES[shape["dtype"]]
+    width = n * n + 2 * n
+
+    def hyper_connection(x, phi, alpha, static_bias):
+        h_pre, h_post, res_logits = mhc_coefficients_triton(x.flatten(-2), phi, alpha, static_bias, 1e-6)
+        h_res = sinkhorn_knopp_triton(res_logits, num_iterations=20)
+        layer_input = hc_pre_mix_triton(h_pre, x)
+        f = torch.tanh(layer_input)  # stands in for the sub-layer
+        return hc_res_post_mix_triton(h_res, x, h_post, f)
+
+    mhc_inputs = [
+        torch.randn(shape["tokens"], n, C, dtype=dtype, device=device),
+        torch.randn(width, n * C, device=device) / (n * C) ** 0.5,
+        torch.full((3,), 0.01, device=device),
+        torch.randn(width, device=device),
+    ]
+    yield (
+        "mhc_sublayer " + " ".join(f"{k}={v}" for k, v in shape.items()),
+        hyper_connection,
+        [t.requires_grad_(True) for t in mhc_inputs],
+        dtype,
+    )
+    shape = shapes["compiled"]["decay"]
+
+    def chunk(q, k, v, g, h0):
+        return decay_ops.chunk_decay_linear_attn(
+            q, k, v, g, 1.0, h0, True, chunk_size=shape["chunk_size"], kernel_backend="triton"
+        )
+
+    yield (
+        "chunk_decay " + " ".join(f"{k}={v}" for k, v in shape.items()),
+        chunk,
+        _decay_inputs(shape, device, shape["T"]),
+        DTYPES[shape["dtype"]],
+    )
+
+
+def _check_peer(shape: dict, device: torch.device, timer) -> dict:
+    """Our chunk kernel against flash-linear-attention's on the same inputs: forward + backward time, or forward
+    only (both sides) where fla refuses its backward on this Triton and GPU."""
+    from transformers_mhc.models import decay_ops
+
+    fla = _fla_chunk(shape["vector"])
+    row = dict(kernel="chunk_gla_vector" if shape["vector"] else "chunk_simple_scalar", **shape)
+    if fla is None:
+        return dict(row, ok=True, fla="not installed")
+    inputs = _decay_inputs(shape, device, shape["T"])
+
+    def ours(q, k, v, g, h0):
+        return decay_ops.chunk_decay_linear_attn(
+            q, k, v, g, 1.0, h0, True, chunk_size=shape["chunk_size"], kernel_backend="triton"
+        )[0]
+
+    dtype = DTYPES[shape["dtype"]]
+    with torch.no_grad():
+        row["fla_out_rel_error"] = _rel_error(fla(*inputs), ours(*inputs), dtype)
+    try:
+        fla_cot = [torch.randn_like(o) for o in _fwd_bwd(fla, inputs)[0]]
+        row["mode"] = "forward+backward"
+        row["fla_ms"] = timer(lambda: _fwd_bwd(fla, inputs, fla_cot))
+        row["triton_ms"] = timer(lambda: _fwd_bwd(ours, inputs, fla_cot))
+    except Exception as error:  # noqa: BLE001 - fla guards known-bad Triton/GPU pairs in its backward
+        row["fla_backward_error"] = f"{type(error).__name__}: {error}"
+        row["mode"] = "forward only"
+        with torch.no_grad():
+            row["fla_ms"] = timer(lambda: fla(*inputs))
+            row["triton_ms"] = timer(lambda: ours(*inputs))
+    row["throughput_vs_fla"] = row["fla_ms"] / row["triton_ms"]
+    row["ok"] = row["fla_out_rel_error"] <= TOLERANCE[dtype]
     return row
 
 
@@ -402,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         help="start no case after this many seconds (default leaves 2 of 8 minutes)",
     )
     parser.add_argument("--skip-models", action="store_true", help="kernels only")
+    parser.add_argument(
+        "--cases",
+        type=re.compile,
+        default=None,
+        help="run only the cases whose label matches this regular expression (e.g. 'chunk|model')",
+    )
     args = parser.parse_args(argv)
 
     cpu = args.cpu or not torch.cuda.is_available()
@@ -424,11 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         "environment": _environment(device),
         "kernels": [],
         "models": [],
+        "compiled": [],
+        "peers": [],
         "skipped": [],
         "failures": [],
     }
 
     def record(section: str, label: str, run: Callable[[], dict]) -> None:
+        if args.cases is not None and not args.cases.search(label):
+            return
         if time.perf_counter() - start > args.budget_s:
             payload["skipped"].append(label)
             return
@@ -461,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    for name, kernel, inputs, dtype in _compiled_cases(shapes, device):
+        record(
+            "compiled",
+            f"compiled {name}",
+            partial(_check_compiled, name, kernel, inputs, dtype, device.type == "cuda", timer),
+        )
+    for shape in shapes["peers"]:
+        label = "peer fla " + " ".join(f"{k}={v}" for k, v in shape.items())
+        record("peers", label, partial(_check_peer, shape, device, timer))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     plain = next((row for row in payload["models"] if row.get("model") == "plain_residual"), None)
     mhc = next((row for row in payload["models"] if row.get("model") == "mhc_n4"), None)
     if plain and mhc and "triton_train_step_ms" in plain and "triton_train_step_ms" in mhc:

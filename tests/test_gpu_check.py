@@ -66,3 +66,8 @@ def test_gpu_check_cpu_mode(tmp_path):
         assert row["ok"] and row["generated_tokens_equal"] == row["generated_tokens"] > 0, row
         assert row["grad_rel_error"] <= 1e-4
     assert report["mhc_overhead_vs_plain"] > 0
+    # The kernels are registered ops: one sub-layer's mHC ops and the decay chunk op compile whole (aot_eager here).
+    assert sorted(row["case"].split()[0] for row in report["compiled"]) == ["chunk_decay", "mhc_sublayer"]
+    for row in report["compiled"]:
+        assert row["ok"] and row["max_rel_error"] <= 1e-5, row
+    assert report["peers"] == []  # fla needs CUDA
