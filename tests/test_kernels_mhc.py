@@ -288,10 +288,19 @@ def test_coefficients_edge_token_counts_non_contiguous(tokens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_coefficients_frozen_phi():
-    # phi without grad (frozen projection): its reduction kernel is skipped, the other gradients still match.
+class _MustNotLaunch:
+    """Stands in for a kernel that must not be launched: indexing it with a grid fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("a skipped kernel was launched")
+
+
+def test_coefficients_frozen_phi(monkeypatch):
+    # phi without grad (frozen projection): the registered backward reads `ctx.needs_input_grad` and never launches
+    # the dphi reduction over tokens; the other gradients still match.
     x, phi, alpha, bias = _coefficient_inputs(2, 8, (5,), torch.float32)
     phi = phi.detach()
+    monkeypatch.setattr(coefficients_module, "_coefficients_bwd_phi_kernel", _MustNotLaunch())
     out_k = mhc_coefficients_triton(x, phi, alpha, bias, 1e-6)
     out_r = mhc_coefficients(x, phi, alpha, bias, 1e-6)
     cot = [torch.randn_like(o) for o in out_r]
