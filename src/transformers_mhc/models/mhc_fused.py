@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .mhc_ops import hc_pre_mix, num_streams_of, sinkhorn_knopp
+from .mhc_ops import hc_pre_mix, mhc_coefficients, num_streams_of, sinkhorn_knopp
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def mhc_coefficients_fused(
     if _needs_grad(x, phi, alpha, static_bias):
         h_pre, h_post, res = MHCCoefficientsFunction.apply(x, phi, alpha, static_bias, eps)
     else:
-        h_pre, h_post, res = _coefficients(x, phi, alpha, static_bias, eps)[:3]
+        h_pre, h_post, res = _coefficient_outputs(x, phi, alpha, static_bias, eps)
     return h_pre.view(*lead, n), h_post.view(*lead, n), res.view(*lead, n, n)
 
 
@@ -71,6 +71,11 @@ def _coefficients(x, phi, alpha, static_bias, eps):
     h_post = torch.sigmoid(logits[:, n : 2 * n]).mul_(2)
     res = logits[:, 2 * n :].contiguous()
     return h_pre, h_post, res, inv_rms, raw, gates
+
+
+def _coefficient_outputs(x, phi, alpha, static_bias, eps):
+    """`(h_pre, h_post, h_res logits)` of `_coefficients`, without autograd (it works in place)."""
+    return _coefficients(x, phi, alpha, static_bias, eps)[:3]
 
 
 class MHCCoefficientsFunction(torch.autograd.Function):
@@ -168,7 +173,10 @@ def mhc_read_fused(
     if use_function:
         outputs = MHCReadFunction.apply(norm, flat, phi, alpha, static_bias, eps, *norm_params)
     else:
-        h_pre, h_post, res = _coefficients(flat.reshape(-1, n * width), phi, alpha, static_bias, eps)[:3]
+        # `_coefficients` works in place (no autograd graph to keep): decoding. Compiled training takes the
+        # paper's formulas, which the compiler fuses anyway.
+        coefficients = mhc_coefficients if torch.is_grad_enabled() else _coefficient_outputs
+        h_pre, h_post, res = coefficients(flat.reshape(-1, n * width), phi, alpha, static_bias, eps)
         outputs = (norm(hc_pre_mix(h_pre, flat)), h_pre, h_post, res, flat)
     sublayer_input, h_pre, h_post, res, streams = outputs
     return (
