@@ -186,6 +186,12 @@ def hc_res_post_mix(
 # --------------------------------------------------------------------------------------------------
 # Kernel or torch path: the decision every op family takes (`hyper_connection.mhc_implementation`, `decay_ops`)
 # --------------------------------------------------------------------------------------------------
+def _log_once(log, message: str) -> None:
+    # Logging cannot be traced: a compiled graph would break at it. Compiling decides as eager does, which logs.
+    if not torch.compiler.is_compiling():
+        log(message)
+
+
 def use_triton_kernels(
     family: str,
     kernel_backend: str,
@@ -215,21 +221,22 @@ def use_triton_kernels(
         t.is_cuda for t in tensors
     ):  # the common CPU case, decided cheaply
         device_types = ", ".join(sorted({t.device.type for t in tensors}))
-        logger.info_once(
-            f"kernel_backend='auto': the {family} ops run the torch path: {device_types} tensors."
+        _log_once(
+            logger.info_once,
+            f"kernel_backend='auto': the {family} ops run the torch path: {device_types} tensors.",
         )
         return False
     reason = _unsupported_inputs(launcher, tensors, cuda_only=kernel_backend == "auto") or unsupported
     if reason is None:
         if kernel_backend == "auto":
-            logger.info_once(f"kernel_backend='auto': the {family} ops run the Triton kernels.")
+            _log_once(logger.info_once, f"kernel_backend='auto': the {family} ops run the Triton kernels.")
         return True
     if kernel_backend == "triton":
         raise ValueError(
             f"`kernel_backend='triton'` but the {family} Triton kernels cannot run here: {reason}. "
             "Use kernel_backend='auto' to fall back to the torch path."
         )
-    logger.warning_once(f"kernel_backend='auto': the {family} ops run the torch path: {reason}.")
+    _log_once(logger.warning_once, f"kernel_backend='auto': the {family} ops run the torch path: {reason}.")
     return False
 
 
