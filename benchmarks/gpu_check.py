@@ -202,7 +202,8 @@ def _decay_inputs(shape: dict, device: torch.device, T: int):
 
 
 def _fla_chunk(vector: bool):
-    """`(q, k, v, g, h0) -> o` through flash-linear-attention in its [B, T, H, K] layout, or None."""
+    """`(q, k, v, g, h0) -> o`, all in our `[B, H, T, ·]` layout, through flash-linear-attention (which takes and
+    returns `[B, T, H, ·]`), or None."""
     try:
         if vector:
             from fla.ops.gla import chunk_gla as op
@@ -228,7 +229,7 @@ def _fla_chunk(vector: bool):
             output_final_state=True,
             **layout,
         )
-        return o
+        return o.transpose(1, 2)
 
     return run
 
@@ -440,6 +441,19 @@ def _run_model(model_class, config_kwargs: dict, backend: str, ids, setup: dict,
     loss = step().detach().float()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     row[f"{backend}_train_step_ms"] = timer(step)
+    if setup.get("compile"):
+        # The whole model under torch.compile (the kernels are registered ops): it removes the per-op host
+        # overhead that bounds a small model's eager step on a GPU.
+        compiled = torch.compile(model, backend="inductor" if ids.is_cuda else "aot_eager")
+
+        def compiled_step():
+            model.zero_grad(set_to_none=True)
+            compiled(ids, labels=ids).loss.backward()
+
+        start = time.perf_counter()
+        compiled_step()
+        row[f"{backend}_compile_s"] = time.perf_counter() - start
+        row[f"{backend}_compiled_train_step_ms"] = timer(compiled_step)
     model.zero_grad(set_to_none=True)
     model.eval()
     prompt = ids[:1, : min(32, ids.shape[1] // 2)]
@@ -513,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-models", action="store_true", help="kernels only")
     parser.add_argument(
+        "--compile-models",
+        action="store_true",
+        help="also time each model's training step under torch.compile (inductor on a GPU: about a minute each)",
+    )
+    parser.add_argument(
         "--cases",
         type=re.compile,
         default=None,
@@ -577,7 +596,15 @@ def main(argv: list[str] | None = None) -> int:
             record(
                 "models",
                 f"model {name}",
-                partial(_check_model, name, model_class, config_kwargs, shapes["models"], device, timer),
+                partial(
+                    _check_model,
+                    name,
+                    model_class,
+                    config_kwargs,
+                    dict(shapes["models"], compile=args.compile_models),
+                    device,
+                    timer,
+                ),
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -597,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     if plain and mhc and "triton_train_step_ms" in plain and "triton_train_step_ms" in mhc:
         # The mHC paper's figure: training-step time of n = 4 streams over the plain residual model.
         payload["mhc_overhead_vs_plain"] = mhc["triton_train_step_ms"] / plain["triton_train_step_ms"]
+        if "triton_compiled_train_step_ms" in mhc and "triton_compiled_train_step_ms" in plain:
+            payload["mhc_overhead_vs_plain_compiled"] = (
+                mhc["triton_compiled_train_step_ms"] / plain["triton_compiled_train_step_ms"]
+            )
     payload["elapsed_s"] = time.perf_counter() - start
     payload["all_ok"] = not payload["failures"]
     write_json(output, payload)
