@@ -426,6 +426,40 @@ def _model_configs(cpu: bool) -> dict[str, tuple[type, dict]]:
     }
 
 
+def _profile(step: Callable[[], object], device: torch.device, top: int = 12) -> dict:
+    """One `step` under torch.profiler: its wall time, the summed device time of its kernels (far below the wall
+    time: the host issuing ops is the bound), and the ops with the most self host and self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall_ms = _wall_ms(step, device)
+    averages = prof.key_averages()
+
+    def device_us(event) -> float:  # `self_device_time_total` since torch 2.4; before, `self_cuda_time_total`
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    def table(key) -> list[dict]:
+        ranked = sorted(averages, key=key, reverse=True)[:top]
+        return [
+            dict(
+                op=e.key,
+                calls=e.count,
+                self_host_ms=e.self_cpu_time_total / 1e3,
+                self_device_ms=device_us(e) / 1e3,
+            )
+            for e in ranked
+        ]
+
+    return {
+        "wall_ms": wall_ms,
+        "device_ms": sum(device_us(e) for e in averages) / 1e3,
+        "ops_issued": sum(e.count for e in averages if e.key.startswith(("aten::", "transformers_mhc::"))),
+        "top_by_device": table(device_us) if device.type == "cuda" else [],
+        "top_by_host": table(lambda e: e.self_cpu_time_total),
+    }
+
+
 def _run_model(model_class, config_kwargs: dict, backend: str, ids, setup: dict, timer, row: dict):
     """One backend: its training step and greedy generation, timed into `row`; returns (loss, grads, tokens)."""
     torch.manual_seed(0)
@@ -441,6 +475,8 @@ def _run_model(model_class, config_kwargs: dict, backend: str, ids, setup: dict,
     loss = step().detach().float()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     row[f"{backend}_train_step_ms"] = timer(step)
+    if setup.get("profile"):
+        row[f"{backend}_profile"] = _profile(step, ids.device)
     if setup.get("compile"):
         # The whole model under torch.compile (the kernels are registered ops): it removes the per-op host
         # overhead that bounds a small model's eager step on a GPU.
@@ -527,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-models", action="store_true", help="kernels only")
     parser.add_argument(
+        "--profile-models",
+        action="store_true",
+        help="also profile one training step of each model (host vs device time, the costliest ops)",
+    )
+    parser.add_argument(
         "--compile-models",
         action="store_true",
         help="also time each model's training step under torch.compile (inductor on a GPU: about a minute each)",
@@ -601,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                     name,
                     model_class,
                     config_kwargs,
-                    dict(shapes["models"], compile=args.compile_models),
+                    dict(shapes["models"], compile=args.compile_models, profile=args.profile_models),
                     device,
                     timer,
                 ),

@@ -44,7 +44,7 @@ def test_gpu_check_cpu_mode(tmp_path):
     # Without the flag this test process set: the script must set it itself, as when a person runs it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(existing), "--cpu", "--compile-models"],
+        [sys.executable, str(SCRIPT), str(existing), "--cpu", "--compile-models", "--profile-models"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -66,6 +66,8 @@ def test_gpu_check_cpu_mode(tmp_path):
         assert row["ok"] and row["generated_tokens_equal"] == row["generated_tokens"] > 0, row
         assert row["grad_rel_error"] <= 1e-4
         assert row["torch_compiled_train_step_ms"] > 0 and row["triton_compiled_train_step_ms"] > 0
+        profile = row["triton_profile"]
+        assert profile["wall_ms"] > 0 and profile["ops_issued"] > 0 and profile["top_by_host"]
     assert report["mhc_overhead_vs_plain"] > 0 and report["mhc_overhead_vs_plain_compiled"] > 0
     # The kernels are registered ops: one sub-layer's mHC ops and the decay chunk op compile whole (aot_eager here).
     assert sorted(row["case"].split()[0] for row in report["compiled"]) == ["chunk_decay", "mhc_sublayer"]
