@@ -74,3 +74,20 @@ def test_gpu_check_cpu_mode(tmp_path):
     for row in report["compiled"]:
         assert row["ok"] and row["max_rel_error"] <= 1e-5, row
     assert report["peers"] == []  # fla needs CUDA
+
+
+@pytest.mark.triton
+def test_bf16_models_are_judged_against_fp32():
+    """In 16-bit both paths round; each is compared with an fp32 step, and the kernels may not round much worse."""
+    from conftest import KERNEL_DEVICE
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    model_class, config_kwargs = gpu_check._model_configs(cpu=True)["mhc_n4"]
+    setup = dict(batch=1, seq=12, new_tokens=2, dtype="bf16")
+    row = gpu_check._check_model(
+        "mhc_n4", model_class, config_kwargs, setup, KERNEL_DEVICE, timer=lambda fn: (fn(), 1.0)[1]
+    )
+    assert row["ok"], row
+    assert 0 < row["torch_grad_error_vs_fp32"] < 0.1 and row["triton_grad_error_vs_fp32"] < 0.1
