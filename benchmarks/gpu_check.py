@@ -234,22 +234,25 @@ def _fla_chunk(vector: bool):
     return run
 
 
+def _decay_chunk(q, k, v, g, h0, chunk_size: int, backend: str):
+    """Our chunked decay op (scale 1, from the state `h0`, returning the final state) through `backend`."""
+    from transformers_mhc.models import decay_ops
+
+    return decay_ops.chunk_decay_linear_attn(
+        q, k, v, g, 1.0, h0, True, chunk_size=chunk_size, kernel_backend=backend
+    )
+
+
 def _decay_cases(shapes: dict, device: torch.device):
     from transformers_mhc.models import decay_ops
 
     for shape in shapes["decay"]:
         inputs = _decay_inputs(shape, device, shape["T"])
-
-        def chunk(q, k, v, g, h0, backend, chunk_size=shape["chunk_size"]):
-            return decay_ops.chunk_decay_linear_attn(
-                q, k, v, g, 1.0, h0, True, chunk_size=chunk_size, kernel_backend=backend
-            )
-
         kernel = "chunk_gla_vector" if shape["vector"] else "chunk_simple_scalar"
         yield (
             dict(kernel=kernel, **shape),
-            partial(chunk, backend="triton"),
-            partial(chunk, backend="torch"),
+            partial(_decay_chunk, chunk_size=shape["chunk_size"], backend="triton"),
+            partial(_decay_chunk, chunk_size=shape["chunk_size"], backend="torch"),
             inputs,
             DTYPES[shape["dtype"]],
         )
@@ -305,7 +308,6 @@ def _compiled_cases(shapes: dict, device: torch.device):
         mhc_coefficients_triton,
         sinkhorn_knopp_triton,
     )
-    from transformers_mhc.models import decay_ops
 
     shape = shapes["compiled"]["mhc"]
     n, C, dtype = shape["n"], shape["hidden"], DTYPES[shape["dtype"]]
@@ -331,15 +333,9 @@ def _compiled_cases(shapes: dict, device: torch.device):
         dtype,
     )
     shape = shapes["compiled"]["decay"]
-
-    def chunk(q, k, v, g, h0):
-        return decay_ops.chunk_decay_linear_attn(
-            q, k, v, g, 1.0, h0, True, chunk_size=shape["chunk_size"], kernel_backend="triton"
-        )
-
     yield (
         "chunk_decay " + " ".join(f"{k}={v}" for k, v in shape.items()),
-        chunk,
+        partial(_decay_chunk, chunk_size=shape["chunk_size"], backend="triton"),
         _decay_inputs(shape, device, shape["T"]),
         DTYPES[shape["dtype"]],
     )
@@ -348,18 +344,14 @@ def _compiled_cases(shapes: dict, device: torch.device):
 def _check_peer(shape: dict, device: torch.device, timer) -> dict:
     """Our chunk kernel against flash-linear-attention's on the same inputs: forward + backward time, or forward
     only (both sides) where fla refuses its backward on this Triton and GPU."""
-    from transformers_mhc.models import decay_ops
-
     fla = _fla_chunk(shape["vector"])
     row = dict(kernel="chunk_gla_vector" if shape["vector"] else "chunk_simple_scalar", **shape)
     if fla is None:
         return dict(row, ok=True, fla="not installed")
     inputs = _decay_inputs(shape, device, shape["T"])
 
-    def ours(q, k, v, g, h0):
-        return decay_ops.chunk_decay_linear_attn(
-            q, k, v, g, 1.0, h0, True, chunk_size=shape["chunk_size"], kernel_backend="triton"
-        )[0]
+    def ours(q, k, v, g, h0):  # the output only, as fla's side returns
+        return _decay_chunk(q, k, v, g, h0, chunk_size=shape["chunk_size"], backend="triton")[0]
 
     dtype = DTYPES[shape["dtype"]]
     with torch.no_grad():

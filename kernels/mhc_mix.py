@@ -155,7 +155,8 @@ def _(h, x, grad_out):
     return h.new_empty(h.shape, dtype=torch.float32), torch.empty_like(x)
 
 
-def _pre_mix_setup_context(ctx, inputs, output) -> None:
+def _save_inputs(ctx, inputs, output) -> None:
+    """`setup_context` of both mix ops: their backward reads every input and nothing else."""
     ctx.save_for_backward(*inputs)
 
 
@@ -165,7 +166,7 @@ def _pre_mix_backward(ctx, grad_out: torch.Tensor):
     return grad_h.to(h.dtype), grad_x
 
 
-hc_pre_mix_fwd.register_autograd(_pre_mix_backward, setup_context=_pre_mix_setup_context)
+hc_pre_mix_fwd.register_autograd(_pre_mix_backward, setup_context=_save_inputs)
 
 
 def _flatten_tokens(*pairs: tuple[torch.Tensor, int]) -> tuple[torch.Size, list[torch.Tensor]]:
@@ -355,17 +356,13 @@ def _(h_res, x, h_post, f, grad_out):
     )
 
 
-def _res_post_mix_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
 def _res_post_mix_backward(ctx, grad_out: torch.Tensor):
     h_res, x, h_post, f = ctx.saved_tensors
     grad_res, grad_x, grad_post, grad_f = hc_res_post_mix_bwd(h_res, x, h_post, f, grad_out)
     return grad_res.to(h_res.dtype), grad_x, grad_post.to(h_post.dtype), grad_f
 
 
-hc_res_post_mix_fwd.register_autograd(_res_post_mix_backward, setup_context=_res_post_mix_setup_context)
+hc_res_post_mix_fwd.register_autograd(_res_post_mix_backward, setup_context=_save_inputs)
 
 
 def hc_res_post_mix_triton(

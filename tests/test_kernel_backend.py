@@ -189,8 +189,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _train_step(model, ids):
-    output = model(ids, labels=ids)
+def _train_step(model, ids, forward=None):
+    """Loss, logits and the gradients of `model`'s parameters by name, from one step through `forward` (default:
+    the model itself; e.g. its compiled form, whose parameter names carry a prefix)."""
+    output = (model if forward is None else forward)(ids, labels=ids)
     output.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return output.loss.detach(), output.logits.detach(), grads
@@ -296,10 +298,7 @@ def _kernel_ops_in_graph(model, ids, backend: str) -> tuple[set[str], tuple]:
                 seen.add(str(node.target).split(".")[1])
         return torch.compile(graph_module, backend=backend)
 
-    output = torch.compile(model, backend=noting_backend)(ids, labels=ids)
-    output.loss.backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return seen, (output.loss.detach(), output.logits.detach(), grads)
+    return seen, _train_step(model, ids, forward=torch.compile(model, backend=noting_backend))
 
 
 @pytest.mark.parametrize(
