@@ -232,3 +232,34 @@ def test_torch_path_read_matches_the_formulas(n, dtype, layout):
     reference = REFERENCE_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     _assert_same(fused, reference, [p for p in params if p.is_leaf] + ([] if x.is_leaf else [x]), tol)
+
+
+@pytest.mark.parametrize("op", ["mhc_read", *(op for op, broadcast in CASES if not broadcast)])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 200)], ids=["one-token", "600-tokens"])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_without_gradients_matches_the_formulas(op, lead, n, dtype):
+    """Without gradients (decoding, prefill) the torch path takes its own, leaner forms: the coefficients in fewer
+    kernels, Sinkhorn in log space up to `LOG_SPACE_MAX_MATRICES` matrices (one token here) and multiplicative
+    beyond it (600 tokens). Each gives the formulas' outputs."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+    from transformers_mhc.models.mhc_fused import LOG_SPACE_MAX_MATRICES
+
+    assert lead[0] * lead[1] > LOG_SPACE_MAX_MATRICES or lead == (1, 1)
+    c = 7
+    if op == "mhc_read":
+        (x, phi, alpha, bias), extra = _op_inputs("mhc_coefficients", n, dtype, lead=lead, c=c)
+        inputs = [x.view(*lead, n, c), phi, alpha, bias]
+        extra = (*extra, LlamaRMSNorm(c, eps=1e-6).to(dtype))
+    else:
+        inputs, extra = _op_inputs(op, n, dtype, lead=lead, c=c)
+    with torch.no_grad():
+        fused = getattr(TORCH_OPS, op)(*inputs, *extra)
+        reference = getattr(REFERENCE_OPS, op)(*inputs, *extra)
+    fused, reference = (fused, reference) if isinstance(fused, tuple) else ((fused,), (reference,))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    for a, b in zip(fused, reference, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)

@@ -65,13 +65,15 @@ except ImportError:
 
 
 class HCRead(NamedTuple):
-    """What the read of a sub-layer hands to its write: the coefficients (fp32; `None` for a plain residual) and the
-    streams the write adds to (the read's input, passed on as the read's output: see `mhc_fused.mhc_read_fused`)."""
+    """What the read of a sub-layer hands to its write: the coefficients (fp32; `None` for a plain residual), the
+    streams the write adds to (the read's input, passed on as the read's output: see `mhc_fused.mhc_read_fused`) and
+    the implementation the read chose (the write takes the same one, without deciding again)."""
 
     h_pre: torch.Tensor | None
     h_post: torch.Tensor | None
     h_res: torch.Tensor | None
     streams: torch.Tensor
+    ops: HCOps | None = None
 
 
 class HCOps(NamedTuple):
@@ -254,13 +256,16 @@ class HyperConnection(nn.Module):
                 streams, self.phi, self.alpha, self.static_bias, self.norm_eps, norm
             )
             h_res = ops.sinkhorn_knopp(res_logits, self.sinkhorn_iterations)
-            return sublayer_input, HCRead(h_pre, h_post, h_res, streams)
+            return sublayer_input, HCRead(h_pre, h_post, h_res, streams, ops)
         h_pre, h_post, h_res = self.coefficients(streams, ops)
-        return normed_pre_mix(norm, ops.hc_pre_mix, h_pre, streams), HCRead(h_pre, h_post, h_res, streams)
+        return normed_pre_mix(norm, ops.hc_pre_mix, h_pre, streams), HCRead(
+            h_pre, h_post, h_res, streams, ops
+        )
 
     def write(self, read: HCRead, output: torch.Tensor) -> torch.Tensor:
         """The streams after the sub-layer: `h_res · x + h_postᵀ · output`."""
-        return self.ops(read.streams).hc_res_post_mix(read.h_res, read.streams, read.h_post, output)
+        ops = read.ops if read.ops is not None else self.ops(read.streams)
+        return ops.hc_res_post_mix(read.h_res, read.streams, read.h_post, output)
 
     def ops(self, streams: torch.Tensor) -> HCOps:
         """The implementation of the ops for these streams (`config.kernel_backend` is read at call time)."""

@@ -85,22 +85,22 @@ def num_streams_of(phi: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp (paper §4.2, §5.2)
 # --------------------------------------------------------------------------------------------------
-def sinkhorn_log_iterates(logits: torch.Tensor, num_iterations: int, keep: bool) -> list[torch.Tensor]:
+def sinkhorn_log_iterates(
+    logits: torch.Tensor, num_iterations: int, keep: bool, dims: tuple[int, int] = (-2, -1)
+) -> list[torch.Tensor]:
     """Log-space Sinkhorn-Knopp. Returns the final log-matrix, or every iterate when `keep` (for backward).
 
-    Working in log space (each normalisation subtracts a logsumexp) keeps every step finite even for logits of ±1e4,
-    where `exp` would under- or overflow. Each iteration normalises the columns, then the rows (last, so the row
-    sums of the result are exact).
+    Working in log space (each normalisation is a `log_softmax`: subtracting a logsumexp) keeps every step finite
+    even for logits of ±1e4, where `exp` would under- or overflow. Each iteration normalises the columns (`dims[0]`,
+    the index `i` of `m_ij`), then the rows (`dims[1]`; last, so the row sums of the result are exact).
     """
     z = logits
     iterates = [z] if keep else []
     for _ in range(num_iterations):
-        z = z - torch.logsumexp(z, dim=-2, keepdim=True)
-        if keep:
-            iterates.append(z)
-        z = z - torch.logsumexp(z, dim=-1, keepdim=True)
-        if keep:
-            iterates.append(z)
+        for dim in dims:
+            z = torch.log_softmax(z, dim=dim)
+            if keep:
+                iterates.append(z)
     return iterates if keep else [z]
 
 
@@ -217,13 +217,11 @@ def use_triton_kernels(
         return False
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"`kernel_backend` must be one of {list(KERNEL_BACKENDS)}, got {kernel_backend!r}.")
-    if kernel_backend == "auto" and not any(
-        t.is_cuda for t in tensors
-    ):  # the common CPU case, decided cheaply
-        device_types = ", ".join(sorted({t.device.type for t in tensors}))
+    if kernel_backend == "auto" and not any(t.is_cuda for t in tensors):
+        # The common CPU case, decided cheaply: decoding asks once per sub-layer and token.
         _log_once(
             logger.info_once,
-            f"kernel_backend='auto': the {family} ops run the torch path: {device_types} tensors.",
+            f"kernel_backend='auto': the {family} ops run the torch path: {tensors[0].device.type} tensors.",
         )
         return False
     reason = _unsupported_inputs(launcher, tensors, cuda_only=kernel_backend == "auto") or unsupported
