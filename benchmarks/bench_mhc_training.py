@@ -47,6 +47,10 @@ not depend on the number of iterations.
     python benchmarks/bench_mhc_training.py --hidden 256 512 1024 --seq 512 --reps 7 \
         --output benchmarks/results/mhc_training.json
 
+`--compile` also times Llama and mHC each wrapped in `torch.compile` (default mode, both compiled by a warm-up
+step, interleaved as above, first `--threads` value): `compiled_summary`, ratios to compiled Llama. Under compile
+the torch path writes the stream mixes in forms inductor fuses into one pass each (see `mhc_fused`).
+
 `--quick` runs a tiny configuration (hidden 64, seq 64, 2 reps) to check the script end to end.
 """
 
@@ -416,6 +420,15 @@ def bench_hidden(
     }
 
 
+def bench_compiled(hidden: int, seq: int, reps: int, warmup: int, threads: int) -> dict:
+    """The training step of Llama and mHC, each model wrapped in `torch.compile` (default mode; compiled by the
+    warm-up step, forward and backward): the timing of `time_models`, both sides compiled."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, VOCAB, (BATCH, seq))
+    models = {name: torch.compile(build(name, hidden, seq)) for name in ("llama", "mhc")}
+    return time_models(models, input_ids, reps, max(1, warmup), threads)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (hidden, threads, implementation): the ratios to Llama side by side."""
     rows = []
@@ -439,17 +452,35 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def summarize_compiled(runs: list[dict]) -> list[dict]:
+    """One row per (hidden, implementation) of the compiled steps, ratios to compiled Llama."""
+    return [
+        {
+            "hidden": run["hidden"],
+            "threads": run["compiled_timing"]["threads"],
+            "implementation": f"{name} (compiled)",
+            **{
+                key: r[key]
+                for key in ("median_time_s", "time_ratio", "time_ratio_paired_median", "time_ratio_min")
+            },
+        }
+        for run in runs
+        if "compiled_timing" in run
+        for name, r in run["compiled_timing"]["results"].items()
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------
 def print_rows(rows: list[dict]) -> None:
     print(
-        f"\n{'hidden':>6} {'thr':>3} {'implementation':<14} {'median s':>9} {'time x':>7} {'paired':>7} "
+        f"\n{'hidden':>6} {'thr':>3} {'implementation':<16} {'median s':>9} {'time x':>7} {'paired':>7} "
         f"{'min x':>7} {'cpu x':>7} {'mem x':>7} {'peak x':>7}"
     )
     for r in rows:
         print(
-            f"{r['hidden']:>6} {r['threads']:>3} {r['implementation']:<14} {r['median_time_s']:>9.3f} "
+            f"{r['hidden']:>6} {r['threads']:>3} {r['implementation']:<16} {r['median_time_s']:>9.3f} "
             f"{r['time_ratio']:>7.3f} {r['time_ratio_paired_median']:>7.3f} {r['time_ratio_min']:>7.3f} "
             f"{r['cpu_time_ratio']:>7.3f} {r['memory_ratio']:>7.3f} {r['peak_memory_ratio']:>7.3f}"
         )
@@ -531,6 +562,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="replace an existing result file (default: write beside it as NAME-2.json, ...)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny run (hidden 64, seq 32, 2 reps, 1 thread)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time Llama and mHC each under torch.compile (first --threads value; compiling takes minutes)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.seq, args.reps, args.threads = [64], 32, 2, [1]
@@ -541,6 +577,15 @@ def main(argv: list[str] | None = None) -> dict:
     for hidden in args.hidden:
         runs.append(bench_hidden(hidden, args.seq, args.reps, args.warmup, args.threads, implementations))
         print_rows(summarize(runs[-1:]))
+        if args.compile:
+            runs[-1]["compiled_timing"] = bench_compiled(
+                hidden, args.seq, args.reps, args.warmup, args.threads[0]
+            )
+            for row in summarize_compiled(runs[-1:]):
+                print(
+                    f"{row['hidden']:>6} {row['threads']:>3} {row['implementation']:<16} {row['median_time_s']:>9.3f} "
+                    f"{row['time_ratio']:>7.3f} {row['time_ratio_paired_median']:>7.3f} {row['time_ratio_min']:>7.3f}"
+                )
     torch.set_num_threads(args.threads[0])
     sinkhorn = sinkhorn_memory(args.hidden[0], args.seq, tuple(args.sinkhorn_iterations))
     report = {
@@ -561,6 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
             "reps": args.reps,
             "warmup": args.warmup,
             "threads": args.threads,
+            "compile": args.compile,
             "time": "one forward+backward per repetition, models interleaved (order rotated per repetition); "
             "time_ratio = median / llama's median, time_ratio_paired_median = median over repetitions of "
             "time / llama's time in the same repetition, time_ratio_min = min / llama's min; cpu = process time",
@@ -574,6 +620,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
         },
         "summary": summarize(runs),
+        "compiled_summary": summarize_compiled(runs),
         "runs": runs,
         "sinkhorn_memory": sinkhorn,
         "wall_time_s": time.time() - started,

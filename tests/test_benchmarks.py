@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -81,3 +83,27 @@ def test_mhc_training_benchmark_quick(tmp_path):
     assert all(_positive(v) for v in sinkhorn["model_saved_bytes"].values())
     assert all(_positive(v) for v in sinkhorn["sinkhorn_op_saved_bytes"].values())
     assert isinstance(sinkhorn["constant"], bool)
+
+
+@pytest.mark.slow
+def test_mhc_training_benchmark_compiled_quick(tmp_path):
+    """`--compile` times Llama and mHC each under `torch.compile`, ratios to compiled Llama (~90 s: compiling)."""
+    out = tmp_path / "mhc_training.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_mhc_training.py"),
+            *("--quick", "--compile", "--implementations", "mhc", "--no-plot", "--output", str(out)),
+        ],
+        check=True,
+        timeout=600,
+    )
+    report = json.loads(out.read_text())
+    assert report["setup"]["compile"] is True
+    rows = {row["implementation"]: row for row in report["compiled_summary"]}
+    assert set(rows) == {"llama (compiled)", "mhc (compiled)"}
+    assert rows["llama (compiled)"]["time_ratio"] == 1.0
+    assert all(_positive(row["time_ratio"]) for row in rows.values())
+    for run in report["runs"]:
+        for result in run["compiled_timing"]["results"].values():
+            assert len(result["time_s"]) == report["setup"]["reps"]

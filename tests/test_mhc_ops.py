@@ -263,3 +263,20 @@ def test_torch_path_without_gradients_matches_the_formulas(op, lead, n, dtype):
     for a, b in zip(fused, reference, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize(
+    ("op", "broadcast"),
+    [(op, b) for op, b in CASES if op in ("hc_pre_mix", "hc_res_post_mix")],
+    ids=lambda v: v if isinstance(v, str) else ("shared" if v else "per-token"),
+)
+def test_torch_path_under_compile_matches_the_formulas(op, broadcast):
+    """Under `torch.compile` the torch path writes the stream mixes as broadcast products summed over the streams
+    (what inductor fuses into one pass): traced whole (`fullgraph`, through autograd), they give the formulas'
+    outputs and gradients."""
+    from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+
+    torch.compiler.reset()
+    inputs, extra = _op_inputs(op, 4, torch.float32, broadcast=broadcast)
+    compiled = torch.compile(getattr(TORCH_OPS, op), backend="aot_eager", fullgraph=True)
+    _assert_same((compiled(*inputs, *extra),), (getattr(REFERENCE_OPS, op)(*inputs, *extra),), inputs, {})
