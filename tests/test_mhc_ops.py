@@ -280,3 +280,39 @@ def test_torch_path_under_compile_matches_the_formulas(op, broadcast):
     inputs, extra = _op_inputs(op, 4, torch.float32, broadcast=broadcast)
     compiled = torch.compile(getattr(TORCH_OPS, op), backend="aot_eager", fullgraph=True)
     _assert_same((compiled(*inputs, *extra),), (getattr(REFERENCE_OPS, op)(*inputs, *extra),), inputs, {})
+
+
+@pytest.mark.parametrize("spread", [4.0, 1e4], ids=["multiplicative", "log-space"])
+def test_compiled_training_runs_the_torch_path_sinkhorn_as_one_op(spread):
+    """Compiled with gradients, the torch path's Sinkhorn is the registered op `transformers_mhc::sinkhorn_knopp_torch`
+    (the eager implementation, opaque to the compiler): it passes `opcheck`, appears in the traced graph, and gives the
+    formulas' outputs and gradients in both of its forms. Without gradients the formulas are traced (inductor fuses
+    them)."""
+    from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+
+    logits = _leaf((torch.rand(3, 5, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1) * spread)
+    op = torch.ops.transformers_mhc.sinkhorn_knopp_torch.default
+    torch.library.opcheck(op, (logits, 20))
+    grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    torch.library.opcheck(
+        torch.ops.transformers_mhc.sinkhorn_knopp_torch_backward.default, (logits.detach(), grad, 20)
+    )
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch.compiler.reset()
+    compiled = torch.compile(TORCH_OPS.sinkhorn_knopp, backend=capture, fullgraph=True)
+    _assert_same(
+        (compiled(logits, 20),),
+        (REFERENCE_OPS.sinkhorn_knopp(logits, 20),),
+        [logits],
+        {"rtol": 1e-5, "atol": 1e-6},
+    )
+    assert "sinkhorn_knopp_torch" in graphs[-1]
+    with torch.no_grad():
+        compiled(logits, 20)
+    assert "sinkhorn_knopp_torch" not in graphs[-1] and "log_softmax" in graphs[-1]

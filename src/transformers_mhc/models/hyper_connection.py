@@ -63,6 +63,11 @@ except ImportError:
     can_launch_on = hc_pre_mix_triton = hc_res_post_mix_triton = mhc_coefficients_triton = None
     sinkhorn_knopp_triton = None
 
+try:  # Compiled, the torch path's Sinkhorn runs as one registered op; remote code, without it, compiles the formulas.
+    from transformers_mhc.sinkhorn_op import sinkhorn_knopp_torch_path
+except ImportError:
+    sinkhorn_knopp_torch_path = sinkhorn_knopp_fused
+
 
 class HCRead(NamedTuple):
     """What the read of a sub-layer hands to its write: the coefficients (fp32; `None` for a plain residual), the
@@ -133,7 +138,7 @@ TORCH_OPS = HCOps(
     "torch",
     mhc_read_fused,
     mhc_coefficients_fused,
-    sinkhorn_knopp_fused,
+    sinkhorn_knopp_torch_path,
     hc_pre_mix_fused,
     hc_res_post_mix_fused,
 )

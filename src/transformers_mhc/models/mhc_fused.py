@@ -32,7 +32,14 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .mhc_ops import hc_pre_mix, mhc_coefficients, num_streams_of, sinkhorn_knopp, sinkhorn_log_iterates
+from .mhc_ops import (
+    hc_pre_mix,
+    mhc_coefficients,
+    num_streams_of,
+    sinkhorn_knopp,
+    sinkhorn_knopp_backward,
+    sinkhorn_log_iterates,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,12 +287,32 @@ def sinkhorn_knopp_fused(logits: torch.Tensor, num_iterations: int = 20) -> torc
     if z.shape[-1] <= LOG_SPACE_MAX_MATRICES and not _needs_grad(logits):
         log_matrix = sinkhorn_log_iterates(z, num_iterations, keep=False, dims=(0, 1))[0]
         return _from_batch_last(log_matrix.exp_(), logits.shape)
-    spread = (z.amax(dim=(0, 1)) - z.amin(dim=(0, 1))).max()
-    if float(spread.detach()) > MULTIPLICATIVE_LOGIT_RANGE:
+    if not _multiplicative_is_exact(z):
         return sinkhorn_knopp(logits, num_iterations)
     if _needs_grad(logits):
         return _from_batch_last(MultiplicativeSinkhornFunction.apply(z, num_iterations), logits.shape)
     return _from_batch_last(_multiplicative_iterates(z, num_iterations, keep=False)[0], logits.shape)
+
+
+def sinkhorn_knopp_fused_backward(
+    logits: torch.Tensor, grad: torch.Tensor, num_iterations: int = 20
+) -> torch.Tensor:
+    """The gradient of `sinkhorn_knopp_fused` w.r.t. its logits (in their dtype) for the output gradient `grad`,
+    without autograd: the multiplicative backward where the multiplicative form is exact, the reference's
+    log-space one elsewhere (`transformers_mhc.sinkhorn_op` registers the pair as ops for `torch.compile`)."""
+    if logits.dtype == torch.float64 or logits.numel() == 0:
+        return sinkhorn_knopp_backward(logits, grad.to(logits.dtype), num_iterations)
+    z = _batch_last(logits.float())
+    if not _multiplicative_is_exact(z):
+        return sinkhorn_knopp_backward(logits.float(), grad.float(), num_iterations).to(logits.dtype)
+    grad = _multiplicative_backward(z, _batch_last(grad.float()), num_iterations)
+    return _from_batch_last(grad, logits.shape).to(logits.dtype)
+
+
+def _multiplicative_is_exact(z: torch.Tensor) -> bool:
+    """Whether every `[n, n, N]` matrix's logits lie within `MULTIPLICATIVE_LOGIT_RANGE` (a host sync)."""
+    spread = (z.amax(dim=(0, 1)) - z.amin(dim=(0, 1))).max()
+    return float(spread.detach()) <= MULTIPLICATIVE_LOGIT_RANGE
 
 
 def _batch_last(matrices: torch.Tensor) -> torch.Tensor:
@@ -338,12 +365,18 @@ class MultiplicativeSinkhornFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (z,) = ctx.saved_tensors
-        _, first, steps = _multiplicative_iterates(z, ctx.num_iterations, keep=True)
-        grad = grad.float().contiguous()  # it arrives permuted (the batch-last layout is undone outside)
-        for step in range(len(steps) - 1, -1, -1):
-            y, sums = steps[step]
-            grad = (grad - (grad * y).sum(dim=step % 2, keepdim=True)).div_(sums)
-        return grad.mul_(first), None
+        # The gradient arrives permuted (the batch-last layout is undone outside).
+        return _multiplicative_backward(z, grad.float().contiguous(), ctx.num_iterations), None
+
+
+def _multiplicative_backward(z: torch.Tensor, grad: torch.Tensor, num_iterations: int) -> torch.Tensor:
+    """`dL/dz` of `_multiplicative_iterates` on `[n, n, N]` logits `z` for the output gradient `grad` (same layout,
+    fp32, contiguous; overwritten), recomputing the iterates."""
+    _, first, steps = _multiplicative_iterates(z, num_iterations, keep=True)
+    for step in range(len(steps) - 1, -1, -1):
+        y, sums = steps[step]
+        grad = (grad - (grad * y).sum(dim=step % 2, keepdim=True)).div_(sums)
+    return grad.mul_(first)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,4 +497,5 @@ __all__ = [
     "mhc_coefficients_fused",
     "mhc_read_fused",
     "sinkhorn_knopp_fused",
+    "sinkhorn_knopp_fused_backward",
 ]
