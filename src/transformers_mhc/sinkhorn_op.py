@@ -17,7 +17,7 @@ Compiled, the formulas' log-space Sinkhorn becomes inductor kernels that take an
 normalisation, forward and backward: at hidden 256 they were a quarter of a compiled mHC training step. Registered
 as one op (`torch.ops.transformers_mhc.sinkhorn_knopp_torch`, opaque to the compiler like the Triton kernels, with
 its backward op), the compiled graph runs the eager torch path's Sinkhorn instead: multiplicative where that is
-exact, log space elsewhere (`mhc_fused`). Compiled mHC training step ÷ compiled Llama at hidden 256: 1.53× → 1.40×.
+exact, log space elsewhere (`mhc_fused`). Compiled mHC training step ÷ compiled Llama at hidden 256: 1.53× → 1.37–1.40×.
 
 Part of the installed package only: the model files import it inside `try:`, and remote code, which has no such
 module, compiles the formulas.
@@ -33,7 +33,7 @@ from transformers_mhc.models.mhc_fused import sinkhorn_knopp_fused, sinkhorn_kno
 @torch.library.custom_op("transformers_mhc::sinkhorn_knopp_torch", mutates_args=())
 def _sinkhorn_knopp_op(logits: torch.Tensor, num_iterations: int) -> torch.Tensor:
     # The implementation runs below autograd: `sinkhorn_knopp_fused` takes its forward-only branches.
-    return sinkhorn_knopp_fused(logits, num_iterations).clone()
+    return sinkhorn_knopp_fused(logits, num_iterations)
 
 
 @_sinkhorn_knopp_op.register_fake

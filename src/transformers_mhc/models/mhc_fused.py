@@ -197,7 +197,7 @@ def mhc_read_fused(
         outputs = MHCReadFunction.apply(norm, flat, phi, alpha, static_bias, eps, *norm_params)
     else:
         # `_coefficient_outputs` works in place (no autograd graph to keep): decoding. Compiled training takes the
-        # paper's formulas, which the compiler fuses anyway.
+        # paper's coefficient formulas, which the compiler fuses anyway, and the compiled pre-mix below.
         coefficients = mhc_coefficients if torch.is_grad_enabled() else _coefficient_outputs
         pre_mix = _pre_mix_compiled if torch.compiler.is_compiling() else _pre_mix
         h_pre, h_post, res = coefficients(flat.reshape(-1, n * width), phi, alpha, static_bias, eps)
