@@ -479,10 +479,15 @@ def print_rows(rows: list[dict]) -> None:
         f"{'min x':>7} {'cpu x':>7} {'mem x':>7} {'peak x':>7}"
     )
     for r in rows:
+        # Compiled rows have no CPU-time or memory columns.
+        optional = (
+            f"{r[key]:>7.3f}" if key in r else f"{'':>7}"
+            for key in ("cpu_time_ratio", "memory_ratio", "peak_memory_ratio")
+        )
         print(
             f"{r['hidden']:>6} {r['threads']:>3} {r['implementation']:<16} {r['median_time_s']:>9.3f} "
             f"{r['time_ratio']:>7.3f} {r['time_ratio_paired_median']:>7.3f} {r['time_ratio_min']:>7.3f} "
-            f"{r['cpu_time_ratio']:>7.3f} {r['memory_ratio']:>7.3f} {r['peak_memory_ratio']:>7.3f}"
+            + " ".join(optional)
         )
     sys.stdout.flush()
 
@@ -576,16 +581,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for hidden in args.hidden:
         runs.append(bench_hidden(hidden, args.seq, args.reps, args.warmup, args.threads, implementations))
-        print_rows(summarize(runs[-1:]))
         if args.compile:
             runs[-1]["compiled_timing"] = bench_compiled(
                 hidden, args.seq, args.reps, args.warmup, args.threads[0]
             )
-            for row in summarize_compiled(runs[-1:]):
-                print(
-                    f"{row['hidden']:>6} {row['threads']:>3} {row['implementation']:<16} {row['median_time_s']:>9.3f} "
-                    f"{row['time_ratio']:>7.3f} {row['time_ratio_paired_median']:>7.3f} {row['time_ratio_min']:>7.3f}"
-                )
+        print_rows(summarize(runs[-1:]) + summarize_compiled(runs[-1:]))
     torch.set_num_threads(args.threads[0])
     sinkhorn = sinkhorn_memory(args.hidden[0], args.seq, tuple(args.sinkhorn_iterations))
     report = {

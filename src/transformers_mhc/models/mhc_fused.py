@@ -68,9 +68,7 @@ def _coefficients(x, phi, alpha, static_bias, eps):
     """The forward of `MHCCoefficientsFunction` on `[N, nC]`: the outputs, then what its backward needs."""
     n = num_streams_of(phi)
     xf = x.float()
-    inv_rms = (
-        torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    )
+    inv_rms = _inv_rms(xf, eps)
     raw = xf @ phi.float().t()
     gates = _gates(alpha, n)
     logits = (raw * inv_rms).mul_(gates).add_(static_bias.float())
@@ -78,6 +76,11 @@ def _coefficients(x, phi, alpha, static_bias, eps):
     h_post = torch.sigmoid(logits[:, n : 2 * n]).mul_(2)
     res = logits[:, 2 * n :].contiguous()
     return h_pre, h_post, res, inv_rms, raw, gates
+
+
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1 / rms(x)` over the last dimension, `[N, 1]`, in one reduction and four in-place steps."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _gates(alpha: torch.Tensor, n: int) -> torch.Tensor:
@@ -92,9 +95,7 @@ def _coefficient_outputs(x, phi, alpha, static_bias, eps):
     scale the projection in one multiply-add, and one sigmoid serves `h_pre` and `h_post` (both are views)."""
     n = num_streams_of(phi)
     xf = x.float()
-    inv_rms = (
-        torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    )
+    inv_rms = _inv_rms(xf, eps)
     logits = torch.addcmul(static_bias.float(), xf @ phi.float().t(), _gates(alpha, n) * inv_rms)
     gated = logits[:, : 2 * n].sigmoid()
     gated[:, n:].mul_(2)
@@ -284,12 +285,13 @@ def sinkhorn_knopp_fused(logits: torch.Tensor, num_iterations: int = 20) -> torc
     if torch.compiler.is_compiling() or logits.dtype == torch.float64 or logits.numel() == 0:
         return sinkhorn_knopp(logits, num_iterations)
     z = _batch_last(logits.float())
-    if z.shape[-1] <= LOG_SPACE_MAX_MATRICES and not _needs_grad(logits):
+    needs_grad = _needs_grad(logits)
+    if z.shape[-1] <= LOG_SPACE_MAX_MATRICES and not needs_grad:
         log_matrix = sinkhorn_log_iterates(z, num_iterations, keep=False, dims=(0, 1))[0]
         return _from_batch_last(log_matrix.exp_(), logits.shape)
     if not _multiplicative_is_exact(z):
         return sinkhorn_knopp(logits, num_iterations)
-    if _needs_grad(logits):
+    if needs_grad:
         return _from_batch_last(MultiplicativeSinkhornFunction.apply(z, num_iterations), logits.shape)
     return _from_batch_last(_multiplicative_iterates(z, num_iterations, keep=False)[0], logits.shape)
 
