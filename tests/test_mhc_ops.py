@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from transformers_mhc.models.mhc_ops import (
     hc_pre_mix,
@@ -213,15 +214,29 @@ def test_torch_path_sinkhorn_gradcheck_and_wide_logits(spread):
     assert torch.autograd.gradcheck(lambda t: MultiplicativeSinkhornFunction.apply(t, 7), (z,))
 
 
+def _norm(kind: str, c: int, dtype: torch.dtype) -> nn.Module:
+    """A sub-layer norm with a weight away from 1: `llama` a stock `LlamaRMSNorm` (the read's closed-form
+    backward), `hooked` one whose forward hook rescales its output, `layernorm` another norm (both: autograd)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = nn.LayerNorm(c) if kind == "layernorm" else LlamaRMSNorm(c, eps=1e-6)
+    if kind == "hooked":
+        norm.register_forward_hook(lambda module, args, out: out * 1.5)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(c, generator=torch.Generator().manual_seed(3)))
+    return norm.to(dtype)
+
+
 @pytest.mark.parametrize("n", [1, 2, 4, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "expanded"])
-def test_torch_path_read_matches_the_formulas(n, dtype, layout):
+@pytest.mark.parametrize("norm_kind", ["llama", "hooked", "layernorm"])
+def test_torch_path_read_matches_the_formulas(n, dtype, layout, norm_kind):
     """The fused read (coefficients, pre-mix and the norm in one Function) against its parts composed plainly,
-    gradients of the norm's weight included; `expanded`: the streams as `expand_streams` makes them (stride 0)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
+    gradients of the norm's weight included; `expanded`: the streams as `expand_streams` makes them (stride 0).
+    A stock `LlamaRMSNorm` takes the closed-form backward, any other norm autograd's."""
     from transformers_mhc.models.hyper_connection import REFERENCE_OPS, TORCH_OPS
+    from transformers_mhc.models.mhc_fused import _is_plain_rms_norm
 
     c = 7
     (x, phi, alpha, bias), (eps,) = _op_inputs("mhc_coefficients", n, dtype, c=c)
@@ -229,9 +244,8 @@ def test_torch_path_read_matches_the_formulas(n, dtype, layout):
         x = _leaf(torch.randn(2, 5, 1, c).to(dtype)).expand(2, 5, n, c)
     else:
         x = _leaf(x.view(2, 5, n, c))
-    norm = LlamaRMSNorm(c, eps=1e-6).to(dtype)
-    with torch.no_grad():
-        norm.weight.add_(torch.randn(c, generator=torch.Generator().manual_seed(3)).to(dtype))
+    norm = _norm(norm_kind, c, dtype)
+    assert _is_plain_rms_norm(norm) == (norm_kind == "llama")
     params = [x, phi, alpha, bias, norm.weight]
     fused = TORCH_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
     reference = REFERENCE_OPS.mhc_read(x, phi, alpha, bias, eps, norm)

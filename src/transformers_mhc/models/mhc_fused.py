@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .mhc_ops import (
     hc_pre_mix,
@@ -153,10 +154,9 @@ def _coefficients_backward(saved, meta, needs, grad_pre, grad_post, grad_res, gr
         # d(1/r)/dx = -(1/r)³ x / nC
         coef = (grad_proj * raw).sum(dim=-1, keepdim=True) * inv_rms.pow(3) / -width
         if grad_x_initial is None:
-            grad_x = grad_raw @ phi.float()
-        else:  # a new buffer, so whatever autograd handed in stays untouched
-            grad_x = torch.addmm(grad_x_initial, grad_raw, phi.float())
-        grad_x.addcmul_(x.float(), coef)
+            grad_x = (grad_raw @ phi.float()).addcmul_(x.float(), coef)
+        else:  # a new buffer, so whatever autograd handed in stays untouched; the RMS term in the same pass
+            grad_x = torch.addcmul(grad_x_initial, x.float(), coef).addmm_(grad_raw, phi.float())
     if needs[1]:
         grad_phi = (grad_raw.t() @ x.float()).to(phi.dtype)
     if needs[2]:
@@ -217,9 +217,10 @@ class MHCReadFunction(torch.autograd.Function):
     """`mhc_read_fused` on `[N, n, C]` streams: the coefficients' Function, the pre-mix and the norm in one node,
     which also passes the streams through (see `mhc_read_fused`).
 
-    Backward reruns the pre-mix and the norm (a module: its own autograd gives the gradients of its input and of its
-    parameters), then builds `dL/dx` in one buffer: the passed-through streams' gradient plus the coefficients'
-    projection term (one `addmm`), their RMS term and the pre-mix's `h_pre ⊗ g` (in place).
+    Backward reruns the pre-mix, then goes through the norm: in closed form for a stock `LlamaRMSNorm` (the norm of
+    both models), by rerunning any other norm module under autograd (gradients of its input and of its parameters).
+    It builds `dL/dx` in one buffer: the passed-through streams' gradient plus the coefficients' RMS term (one
+    `addcmul`), then, in place, their projection term (`addmm_`) and the pre-mix's `h_pre ⊗ g`.
     """
 
     @staticmethod
@@ -238,16 +239,22 @@ class MHCReadFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_pre, grad_post, grad_res, grad_streams):
         x, phi, inv_rms, raw, gates, h_pre, h_post = ctx.saved_tensors
         grad_mixed = grad_params = None
-        if grad_out is not None:  # through the norm: rerun it on the recomputed mixed input
-            mixed = _pre_mix(h_pre, x).detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = ctx.norm(mixed)
-            grad_mixed, *grad_params = torch.autograd.grad(
-                out, (mixed, *ctx.norm_params), grad_out, allow_unused=True
-            )
-            # Through the pre-mix `Σ_j h_pre_j x_j`: to h_pre (a dot product per stream), and to x below.
+        if grad_out is not None:  # through the norm, from the recomputed mixed input
+            mixed = _pre_mix(h_pre, x)
+            if _is_plain_rms_norm(ctx.norm):
+                grad_mixed, grad_weight = _rms_norm_backward(ctx.norm, mixed, grad_out, bool(ctx.norm_params))
+                grad_params = [grad_weight] if ctx.norm_params else []
+            else:  # any other norm: rerun it under autograd
+                mixed.requires_grad_(True)
+                with torch.enable_grad():
+                    out = ctx.norm(mixed)
+                grad_mixed, *grad_params = torch.autograd.grad(
+                    out, (mixed, *ctx.norm_params), grad_out, allow_unused=True
+                )
+            # Through the pre-mix `Σ_j h_pre_j x_j`: to h_pre (a dot product per stream), and to x below. (The dot
+            # products as `[1, C] @ [C, n]` per token: twice as fast on CPU as `[n, C] @ [C, 1]`.)
             grad_mixed = grad_mixed.float().contiguous()
-            grad_h = torch.bmm(x.float(), grad_mixed.unsqueeze(-1)).squeeze(-1)
+            grad_h = torch.bmm(grad_mixed.unsqueeze(1), x.float().transpose(1, 2)).squeeze(1)
             grad_pre = grad_h if grad_pre is None else grad_pre.float() + grad_h
         needs = (ctx.needs_input_grad[1], *ctx.needs_input_grad[2:5])
         saved = (x.reshape(x.shape[0], -1), phi, inv_rms, raw, gates, h_pre, h_post)
@@ -262,6 +269,43 @@ class MHCReadFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         grad_params = grad_params or [None] * len(ctx.norm_params)
         return None, grad_x, grad_phi, grad_alpha, grad_bias, None, *grad_params
+
+
+def _is_plain_rms_norm(norm: Callable) -> bool:
+    """Whether `norm` is transformers' `LlamaRMSNorm` as it ships (its class's forward, no hooks): then its backward
+    is the closed form of `_rms_norm_backward`; anything else (another norm, a patched or hooked one) is rerun under
+    autograd instead."""
+    return (
+        type(norm) is LlamaRMSNorm
+        and LlamaRMSNorm.forward is _LLAMA_RMS_NORM_FORWARD
+        and "forward" not in vars(norm)  # accelerate's hooks replace an instance's forward
+        # `nn.Module`'s hook registries; should one ever be missing, count it as hooked (the general path)
+        and not any(getattr(norm, name, True) for name in _MODULE_HOOKS)
+    )
+
+
+_LLAMA_RMS_NORM_FORWARD = LlamaRMSNorm.forward
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _rms_norm_backward(
+    norm: LlamaRMSNorm, mixed: torch.Tensor, grad_out: torch.Tensor, weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of `y = w · x̂`, `x̂ = x / rms(x)` (`LlamaRMSNorm`, in fp32) w.r.t. its input `mixed` and, with
+    `weight_grad`, its weight: `dx = (g·w - x̂ · mean(g·w·x̂)) / rms(x)`, `dw = Σ_tokens g · x̂`.
+
+    Elementwise passes over `[N, C]` without autograd, instead of rerunning the norm's forward under autograd and
+    its backward graph (on CPU, with the pre-mix that recomputes `mixed`: 1.7 against 3.6 ms per sub-layer at 512
+    tokens, hidden 1024)."""
+    mixed = mixed.float()
+    inv_rms = _inv_rms(mixed, norm.variance_epsilon)
+    normed = mixed.mul_(inv_rms)  # `mixed` is ours: a fresh result of the pre-mix
+    grad = grad_out.float()
+    grad_normed = grad * norm.weight.float()
+    dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1)
+    grad_mixed = grad_normed.mul_(inv_rms).addcmul_(normed, dot.mul_(inv_rms).div_(-normed.shape[-1]))
+    grad_weight = (grad * normed).sum(dim=0).to(norm.weight.dtype) if weight_grad else None
+    return grad_mixed, grad_weight
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +526,8 @@ class HCResPostMixFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = torch.bmm(h_res.transpose(1, 2), grad).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            grad_post = torch.bmm(grad, f.float().unsqueeze(-1)).squeeze(-1)
+            # As `[1, C] @ [C, n]` per token (see `MHCReadFunction`).
+            grad_post = torch.bmm(f.float().unsqueeze(1), grad.transpose(1, 2)).squeeze(1)
         if ctx.needs_input_grad[3]:
             grad_f = torch.bmm(h_post.unsqueeze(1), grad).squeeze(1).to(f.dtype)
         return grad_res, grad_x, grad_post, grad_f
