@@ -216,7 +216,8 @@ def test_torch_path_sinkhorn_gradcheck_and_wide_logits(spread):
 
 def _norm(kind: str, c: int, dtype: torch.dtype) -> nn.Module:
     """A sub-layer norm with a weight away from 1: `llama` a stock `LlamaRMSNorm` (the read's closed-form
-    backward), `hooked` one whose forward hook rescales its output, `layernorm` another norm (both: autograd)."""
+    backward; `llama-frozen` with its weight frozen, as under LoRA), `hooked` one whose forward hook rescales its
+    output, `layernorm` another norm (both: autograd)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     norm = nn.LayerNorm(c) if kind == "layernorm" else LlamaRMSNorm(c, eps=1e-6)
@@ -224,13 +225,14 @@ def _norm(kind: str, c: int, dtype: torch.dtype) -> nn.Module:
         norm.register_forward_hook(lambda module, args, out: out * 1.5)
     with torch.no_grad():
         norm.weight.add_(torch.randn(c, generator=torch.Generator().manual_seed(3)))
+    norm.weight.requires_grad_(kind != "llama-frozen")
     return norm.to(dtype)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "expanded"])
-@pytest.mark.parametrize("norm_kind", ["llama", "hooked", "layernorm"])
+@pytest.mark.parametrize("norm_kind", ["llama", "llama-frozen", "hooked", "layernorm"])
 def test_torch_path_read_matches_the_formulas(n, dtype, layout, norm_kind):
     """The fused read (coefficients, pre-mix and the norm in one Function) against its parts composed plainly,
     gradients of the norm's weight included; `expanded`: the streams as `expand_streams` makes them (stride 0).
@@ -245,8 +247,8 @@ def test_torch_path_read_matches_the_formulas(n, dtype, layout, norm_kind):
     else:
         x = _leaf(x.view(2, 5, n, c))
     norm = _norm(norm_kind, c, dtype)
-    assert _is_plain_rms_norm(norm) == (norm_kind == "llama")
-    params = [x, phi, alpha, bias, norm.weight]
+    assert _is_plain_rms_norm(norm) == norm_kind.startswith("llama")
+    params = [x, phi, alpha, bias] + ([norm.weight] if norm.weight.requires_grad else [])
     fused = TORCH_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
     reference = REFERENCE_OPS.mhc_read(x, phi, alpha, bias, eps, norm)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
